@@ -1,0 +1,53 @@
+"""Checkpoints: weights in safetensors, trainer state loaded with weights_only=True, each written
+to a temporary folder and renamed, so a crash never leaves a half-written checkpoint as the latest."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS, STATE, LATEST = "model.safetensors", "trainer.pt", "latest"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+    torch.save(state, tmp / STATE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(ckpt_root / LATEST, final.name)
+    old = sorted(p for p in ckpt_root.glob("step_*") if p != final)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    f = ckpt_root / LATEST
+    if not f.exists():
+        return None
+    path = ckpt_root / f.read_text().strip()
+    return path if (path / WEIGHTS).exists() else None
+
+
+def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / WEIGHTS))
+
+
+def load_state(ckpt: Path) -> dict:
+    # weights_only: tensors and plain containers only; nothing in the file is executed
+    return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)

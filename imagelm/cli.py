@@ -1,0 +1,94 @@
+"""The `imagelm` command: pretrain, eval, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from imagelm import config
+
+
+def cmd_pretrain(args) -> int:
+    from imagelm.train import Trainer
+
+    out = Path(args.out or f"runs/{Path(args.recipe).stem}")
+    cfg = config.load(args.recipe, args.overrides)
+    Trainer(cfg, out, minutes=args.minutes, resume=args.resume, progress=not args.no_progress).fit()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from imagelm.eval import PROBES, evaluate, table
+
+    probes = PROBES if args.probe == "all" else (args.probe,)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    results = evaluate(Path(args.run), probes, args.layers, args.baselines, log=log)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(table(results))
+        print(f"results: {Path(args.run) / 'eval' / 'probes.json'}; plots: {Path(args.run) / 'plots'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from imagelm.bench import bench, report
+
+    cfg = config.load(args.recipe, args.overrides)
+    res = bench(cfg, batch_size=args.batch_size, steps=args.steps, peer=not args.no_peer)
+    print(json.dumps(res) if args.json else report(res))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="imagelm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    recipes = ", ".join(config.recipe_names())
+
+    s = sub.add_parser("pretrain", help="pretrain a recipe", description=f"Pretrain a recipe ({recipes}) or a "
+                       "YAML file; key=value pairs override it (e.g. train.lr=5e-4 aim.order=spiral).")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.add_argument("--out", help="run directory (default runs/RECIPE)")
+    s.add_argument("--minutes", type=float, help="wall-clock budget: stop cleanly, checkpoint, exit 0")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("eval", help="probe a run's encoder", description="Linear (per layer), attentive and "
+                       "k-NN probes of a run's latest checkpoint; results go to RUN/eval/, plots to RUN/plots/.")
+    s.add_argument("run")
+    s.add_argument("--probe", choices=["linear", "attentive", "knn", "all"], default="all")
+    s.add_argument("--layers", default="all", help="layers for the linear sweep: all, last:N or 1,3,5")
+    s.add_argument("--baselines", action="store_true", help="also probe raw pixels and the random-init encoder")
+    s.add_argument("--json", action="store_true", help="print one JSON object (accuracies in [0, 1])")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("bench", help="throughput, FLOP/s and MFU of a recipe vs timm",
+                       description="Measured matmul peak, training-step throughput, achieved FLOP/s and MFU for a "
+                       "recipe, and a timm VisionTransformer of the same shape with the same loss, in one run.")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median reported)")
+    s.add_argument("--no-peer", action="store_true", help="skip the timm comparison")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench)
+
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (config.ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"imagelm {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from imagelm.train import TrainingDiverged
+        if isinstance(e, TrainingDiverged):
+            print(f"imagelm {args.cmd}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: sources -> batches of tensors."""

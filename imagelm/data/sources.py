@@ -1,0 +1,139 @@
+"""Image sources, held in memory as uint8 tensors: Fashion-MNIST (IDX files), image folders
+(class = subfolder), and synthetic images for tests."""
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DatasetMissing(FileNotFoundError):
+    pass
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor            # (N, C, H, W) uint8
+    labels: torch.Tensor            # (N,) int64
+    classes: list[str]
+    skipped: int = 0                # unreadable files left out
+    mean: list[float] = field(default_factory=list)   # per-channel statistics of the train split
+    std: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: {arr.size} bytes for shape {shape}")
+    return arr.reshape(shape)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).exists():
+            return root / name
+    raise DatasetMissing(
+        f"Fashion-MNIST file {stem}[.gz] not found in {root}. Install it with "
+        f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, as root), or point data.root= at a "
+        f"folder holding the four IDX files (train-images-idx3-ubyte.gz, ...).")
+
+
+def fashion_mnist(split: str, root: str = "") -> ImageData:
+    root_p = Path(root or FASHION_MNIST_ROOT)
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = _read_idx(_find(root_p, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find(root_p, f"{prefix}-labels-idx1-ubyte"))
+    return ImageData(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)),
+                     list(FASHION_MNIST_CLASSES))
+
+
+def image_folder(root: str, size: int, channels: int, strict: bool = False) -> ImageData:
+    """root/class_name/*.png: decoded with Pillow, resized to size x size. Unreadable files are
+    skipped and counted, or raise under strict."""
+    from PIL import Image
+
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise DatasetMissing(f"image folder {root_p} does not exist")
+    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetMissing(f"{root_p} has no class subfolders (expected root/CLASS/IMAGE)")
+    images, labels, skipped = [], [], 0
+    mode = {1: "L", 3: "RGB"}[channels]
+    for label, name in enumerate(classes):
+        for path in sorted((root_p / name).iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as im:
+                    im = im.convert(mode).resize((size, size), Image.BICUBIC)
+                    arr = np.asarray(im, dtype=np.uint8).reshape(size, size, channels)
+            except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file
+                if strict:
+                    raise ValueError(f"cannot decode {path}: {e}") from e
+                log.warning("skipping unreadable image %s: %s", path, e)
+                skipped += 1
+                continue
+            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise DatasetMissing(f"no readable images under {root_p}")
+    return ImageData(torch.stack(images), torch.tensor(labels), classes, skipped)
+
+
+def synthetic(n: int, size: int, channels: int, classes: int = 4, seed: int = 0) -> ImageData:
+    """Learnable toy images for tests: class c is a bright bar at a class-specific place."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    x = torch.rand(n, channels, size, size, generator=g) * 60
+    band = max(1, size // classes)
+    for c in range(classes):
+        x[labels == c, :, c * band:(c + 1) * band, :] += 150
+    return ImageData(x.clamp(0, 255).to(torch.uint8), labels, [f"class{c}" for c in range(classes)])
+
+
+def load(data_cfg, model_cfg, split: str) -> ImageData:
+    """The split ('train' or 'test') of the configured dataset, with train-split statistics."""
+    if data_cfg.dataset == "fashion-mnist":
+        ds, train = fashion_mnist(split, data_cfg.root), None
+        if split != "train":
+            train = fashion_mnist("train", data_cfg.root)
+    elif data_cfg.dataset == "folder":
+        sub = lambda s: str(Path(data_cfg.root) / s)  # noqa: E731
+        ds = image_folder(sub(split), model_cfg.img_size, model_cfg.in_chans, data_cfg.strict)
+        train = image_folder(sub("train"), model_cfg.img_size, model_cfg.in_chans, data_cfg.strict) \
+            if split != "train" else None
+    else:
+        seed = {"train": 0, "test": 1}[split]
+        ds = synthetic(512 if split == "train" else 256, model_cfg.img_size, model_cfg.in_chans, seed=seed)
+        train = synthetic(512, model_cfg.img_size, model_cfg.in_chans, seed=0) if split != "train" else None
+    ref = (train or ds).images
+    if ref.shape[1] != model_cfg.in_chans or ref.shape[-1] != model_cfg.img_size:
+        raise ValueError(f"{data_cfg.dataset} images are {tuple(ref.shape[1:])}, but model.in_chans="
+                         f"{model_cfg.in_chans} and model.img_size={model_cfg.img_size}")
+    f = ref.float().div_(255).transpose(0, 1).reshape(ref.shape[1], -1)
+    ds.mean, ds.std = f.mean(1).tolist(), f.std(1).tolist()
+    return ds

@@ -1,0 +1,123 @@
+"""The evaluation suite every checkpoint gets: `evaluate(run_dir, ...)` -> dict, saved under eval/."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from imagelm import checkpoint, dist
+from imagelm.data import sources
+from imagelm.eval import features as feats
+from imagelm.eval import probe as P
+from imagelm.methods import build_method
+from imagelm.train import load_run_config
+
+PROBES = ("linear", "attentive", "knn")
+
+
+def parse_layers(spec: str, depth: int) -> list[int]:
+    """'all' -> 0..depth (0 = embeddings); 'last:N' -> the last N blocks; '2,4,6' -> those."""
+    if spec == "all":
+        return list(range(depth + 1))
+    if spec.startswith("last:"):
+        n = int(spec[5:])
+        return list(range(max(1, depth - n + 1), depth + 1))
+    try:
+        layers = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise ValueError(f"bad layer list {spec!r}: use 'all', 'last:N' or comma-separated integers") from None
+    bad = [l for l in layers if not 0 <= l <= depth]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range: the encoder has layers 0..{depth}")
+    return layers
+
+
+def run_probes(f_train: feats.Features, f_test: feats.Features, y_train, y_test, classes: int, probes, ecfg,
+               token_layers=None, log=print) -> dict:
+    res = {}
+    if "linear" in probes or "knn" in probes:
+        sweep = {}
+        for layer in f_train.pooled:
+            t0 = time.time()
+            sweep[layer] = P.linear_probe(f_train.pooled[layer], y_train, f_test.pooled[layer], y_test, classes,
+                                          ecfg.linear_wd, ecfg.val_size)
+            log(f"  linear layer {layer}: {sweep[layer]['acc']:.4f} ({time.time() - t0:.0f}s)")
+        best = max(sweep, key=lambda l: sweep[l]["val_acc"])   # chosen on held-out train, not on test
+        if "linear" in probes:
+            res["linear"] = {"acc": sweep[best]["acc"], "layer": best,
+                             "per_layer": {str(l): r["acc"] for l, r in sweep.items()}}
+        if "knn" in probes:
+            res["knn"] = {**P.knn(f_train.pooled[best], y_train, f_test.pooled[best], y_test, classes,
+                                  ecfg.knn_k, ecfg.knn_t), "layer": best}
+            log(f"  knn layer {best}: {res['knn']['acc']:.4f}")
+    if "attentive" in probes and f_train.tokens is not None:
+        t0 = time.time()
+        res["attentive"] = {**P.attentive_probe(f_train.tokens, y_train, f_test.tokens, y_test, classes,
+                                                ecfg.attentive_epochs, ecfg.attentive_lr, ecfg.attentive_heads),
+                            "layers": token_layers}
+        log(f"  attentive {token_layers}: {res['attentive']['acc']:.4f} ({time.time() - t0:.0f}s)")
+    return res
+
+
+def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = False, log=print) -> dict:
+    run = Path(run)
+    cfg = load_run_config(run)
+    ckpt = checkpoint.latest(run / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} has no checkpoint to evaluate")
+    train, test = sources.load(cfg.data, cfg.model, "train"), sources.load(cfg.data, cfg.model, "test")
+    classes = len(train.classes)
+    _, _, device = dist.init()
+    bf16 = dist.bf16_supported(device)
+
+    def encoder_features(method):
+        depth = method.encoder.num_layers
+        lin = parse_layers(layers, depth) if ("linear" in probes or "knn" in probes) else []
+        tok = parse_layers(cfg.eval.attentive_layers, depth) if "attentive" in probes else []
+        t0 = time.time()
+        out = [feats.extract(method.encoder, d, lin, tok, cfg.eval.batch_size, bf16, device) for d in (train, test)]
+        log(f"  features: {len(train) + len(test)} images in {time.time() - t0:.0f}s")
+        return out, tok
+
+    results = {}
+    variants = [("pretrained", True)] + ([("random_init", False)] if baselines else [])
+    for name, load in variants:
+        log(f"{name}:")
+        torch.manual_seed(cfg.train.seed)       # the same init the run started from
+        method = build_method(cfg)
+        if load:
+            method.load_state_dict(checkpoint.load_weights(ckpt))
+        (f_train, f_test), tok = encoder_features(method)
+        r = run_probes(f_train, f_test, train.labels, test.labels, classes, probes, cfg.eval, tok, log)
+        if name == "pretrained":
+            results.update(r)
+        else:
+            results[name] = r
+    if baselines:
+        log("raw_pixels:")
+        f_train, f_test = feats.raw_pixels(train, cfg.model.patch_size), feats.raw_pixels(test, cfg.model.patch_size)
+        results["raw_pixels"] = run_probes(f_train, f_test, train.labels, test.labels, classes, probes, cfg.eval,
+                                           ["pixels"], log)
+    results["checkpoint"] = str(ckpt)
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "probes.json").write_text(json.dumps(results, indent=2))
+    from imagelm import viz
+    viz.plot_run(run, results)
+    return results
+
+
+def table(results: dict) -> str:
+    """The printed comparison: one row per encoder, one column per probe."""
+    rows = [("pretrained", results)] + [(k, results[k]) for k in ("random_init", "raw_pixels") if k in results]
+    cols = [p for p in PROBES if p in results]
+    lines = [f"{'encoder':<12}" + "".join(f"{c:>22}" for c in cols)]
+    for name, r in rows:
+        cells = []
+        for c in cols:
+            e = r.get(c)
+            where = "" if not e else (f" (layer {e['layer']})" if "layer" in e and name != "raw_pixels" else "")
+            cells.append(f"{'-' if not e else f'{100 * e['acc']:.2f}%'}{where}")
+        lines.append(f"{name:<12}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)

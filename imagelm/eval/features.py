@@ -1,0 +1,49 @@
+"""Features for evaluation, in one pass over the data: mean-pooled tokens of every requested
+layer (for linear probes and k-NN) and the patch tokens averaged over a band of layers (for the
+attentive probe). Inference mode, bf16 where supported, large batches."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from imagelm.data.sources import ImageData
+from imagelm.data.transforms import normalize
+from imagelm.nn.embed import patchify
+
+
+@dataclass
+class Features:
+    pooled: dict[int, torch.Tensor]      # layer -> (N, D) float32
+    tokens: torch.Tensor | None          # (N, K, D) bf16, mean over the token layers
+
+
+@torch.inference_mode()
+def extract(encoder, data: ImageData, layers: list[int], token_layers: list[int], batch_size: int = 1024,
+            bf16: bool = True, device: torch.device | str = "cpu") -> Features:
+    encoder.eval().to(device)
+    want = sorted(set(layers) | set(token_layers))
+    pooled = {l: [] for l in layers}
+    tokens = []
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for i in range(0, len(data), batch_size):
+        x = normalize(data.images[i:i + batch_size], data.mean, data.std).to(device)
+        with amp:
+            outs = dict(zip(want, encoder.features(x, want)))
+        for l in layers:
+            pooled[l].append(outs[l].float().mean(dim=1).cpu())
+        if token_layers:
+            tokens.append(torch.stack([outs[l].float() for l in token_layers]).mean(0).to(torch.bfloat16).cpu())
+    return Features({l: torch.cat(v) for l, v in pooled.items()}, torch.cat(tokens) if tokens else None)
+
+
+def raw_pixels(data: ImageData, patch_size: int) -> Features:
+    """The no-learning baseline: flattened standardised pixels for the linear probe and k-NN, and
+    for the attentive probe the pixel patches with a one-hot position appended (pooling over
+    bare patches would throw the layout away)."""
+    x = normalize(data.images, data.mean, data.std)
+    patches = patchify(x, patch_size)                                    # (N, K, p*p*C)
+    N, K, _ = patches.shape
+    pos = torch.eye(K).expand(N, K, K)
+    return Features({0: x.flatten(1)}, torch.cat([patches, pos], dim=-1).to(torch.bfloat16))

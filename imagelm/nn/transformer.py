@@ -1,0 +1,99 @@
+"""The one Transformer every method uses: pre-norm blocks, SDPA attention, full/causal/prefix masks."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MaskMode = Literal["full", "causal", "prefix"]
+
+
+def attention_mask(mode: MaskMode, n: int, prefix_len: torch.Tensor | None = None,
+                   device=None) -> torch.Tensor | None:
+    """Boolean mask (True = may attend) for SDPA, or None when no mask is needed.
+
+    full:   every token sees every token.
+    causal: token i sees tokens j <= i.
+    prefix: per sample b, tokens i < S_b see the whole prefix j < S_b (bidirectional);
+            the rest is causal. Shape (B, 1, n, n), broadcast over heads.
+    """
+    if mode == "full":
+        return None
+    i = torch.arange(n, device=device)
+    causal = i[None, :] <= i[:, None]                                   # (n, n) [query, key]
+    if mode == "causal":
+        return causal
+    if mode != "prefix":
+        raise ValueError(f"unknown attention mask mode {mode!r}; choose full, causal or prefix")
+    if prefix_len is None:
+        raise ValueError("prefix attention needs prefix_len (one length per sample)")
+    S = prefix_len.to(device).view(-1, 1, 1)                            # (B, 1, 1)
+    in_prefix = (i[:, None] < S) & (i[None, :] < S)                     # (B, n, n)
+    return (causal[None] | in_prefix)[:, None]                          # (B, 1, n, n)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, bias: bool = False):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} is not divisible by heads {heads}"
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x(B, h, N, d)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, bias: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps, bias=bias)
+        self.attn = Attention(dim, heads, bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, bias=bias)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), bias)
+
+    def forward(self, x, mask=None, is_causal=False):
+        x = x + self.attn(self.norm1(x), mask, is_causal)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, bias: bool = False,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, bias, eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps, bias=bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                layers: list[int] | None = None):
+        """x (B, N, D) -> normed output (B, N, D); with `layers`, the list of those block outputs
+        instead (0 = the input tokens, i = after block i), computed only as deep as needed."""
+        if layers is None:
+            for blk in self.blocks:
+                x = blk(x, mask, is_causal)
+            return self.norm(x)
+        outs, want = {}, set(layers)
+        if 0 in want:
+            outs[0] = x
+        for i, blk in enumerate(self.blocks[: max(layers)], start=1):
+            x = blk(x, mask, is_causal)
+            if i in want:
+                outs[i] = x
+        return [outs[i] for i in layers]
