@@ -172,7 +172,9 @@ class Trainer:
         fits = int(dist.mean(torch.tensor((deadline - time.time()) / per_step)).item())
         self.total = max(1, min(self.total, fits))
 
-    def fit(self) -> Path | None:
+    def fit(self, until: int | None = None) -> Path | None:
+        """Train to the end of the schedule, or until the time budget or step `until` (an
+        interruption: the run can be resumed) is reached; checkpoint and return its path."""
         t0, deadline = time.time(), self.deadline
         writer = log_file = bar = None
         if self.rank == 0:
@@ -188,7 +190,7 @@ class Trainer:
         self.method.train()
         imgs, tick = 0, time.time()
         try:
-            while self.step < self.total:
+            while self.step < min(self.total, until or self.total):
                 stop = deadline is not None and time.time() > deadline
                 if self.world > 1:   # every rank stops at the same step
                     stop = bool(dist.mean(torch.tensor(float(stop))).item() > 0)

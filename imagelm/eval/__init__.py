@@ -118,6 +118,6 @@ def table(results: dict) -> str:
         for c in cols:
             e = r.get(c)
             where = "" if not e else (f" (layer {e['layer']})" if "layer" in e and name != "raw_pixels" else "")
-            cells.append(f"{'-' if not e else f'{100 * e['acc']:.2f}%'}{where}")
+            cells.append(("-" if not e else f"{100 * e['acc']:.2f}%") + where)
         lines.append(f"{name:<12}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)

@@ -1,0 +1,74 @@
+import json
+
+import torch
+
+from conftest import tiny_cfg
+from imagelm.cli import main
+from imagelm.data import sources
+from imagelm.eval import parse_layers
+from imagelm.eval import probe as P
+from imagelm.eval.features import extract, raw_pixels
+from imagelm.train import Trainer
+
+
+def _blobs(n, d=16, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    centres = torch.randn(classes, d, generator=torch.Generator().manual_seed(99)) * 3
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+def test_linear_probe_and_knn_separate_separable_classes():
+    (x, y), (xt, yt) = _blobs(600), _blobs(300, seed=1)
+    assert P.linear_probe(x, y, xt, yt, 4, val_size=100)["acc"] > 0.97
+    assert P.knn(x, y, xt, yt, 4, k=5)["acc"] > 0.97
+    shuffled = P.linear_probe(x, y[torch.randperm(600)], xt, yt, 4, val_size=100)["acc"]
+    assert shuffled < 0.5                        # labels carry the signal, not the probe
+
+
+def test_attentive_probe_finds_the_informative_token():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (900,), generator=g)
+    tokens = torch.randn(900, 6, 12, generator=g)
+    tokens[torch.arange(900), 2, y] += 4.0       # only token 2 carries the label
+    acc = P.attentive_probe(tokens[:600], y[:600], tokens[600:], y[600:], 3, epochs=15, lr=1e-2, heads=4,
+                              batch_size=64)["acc"]
+    assert acc > 0.9
+
+
+def test_parse_layers():
+    assert parse_layers("all", 3) == [0, 1, 2, 3]
+    assert parse_layers("last:2", 6) == [5, 6]
+    assert parse_layers("4,2", 6) == [2, 4]
+    import pytest
+    with pytest.raises(ValueError, match="0..6"):
+        parse_layers("7", 6)
+
+
+def test_features_are_per_layer_means_and_token_bands(tiny):
+    from imagelm.methods import build_method
+    data = sources.load(tiny().data, tiny().model, "test")
+    enc = build_method(tiny()).encoder
+    f = extract(enc, data, [0, 2], [1, 2], batch_size=100, bf16=False)
+    assert f.pooled[2].shape == (256, 32) and f.tokens.shape == (256, 16, 32)
+    x = torch.stack([(data.images[:3].float() / 255 - data.mean[0]) / data.std[0]])[0]
+    l1, l2 = enc.features(x, [1, 2])
+    assert torch.allclose(f.pooled[2][:3], l2.mean(1), atol=1e-5)
+    assert torch.allclose(f.tokens[:3].float(), (l1 + l2) / 2, atol=3e-2)   # stored in bf16
+    raw = raw_pixels(data, 2)
+    assert raw.pooled[0].shape == (256, 64) and raw.tokens.shape == (256, 16, 4 + 16)
+
+
+def test_eval_cli_json_with_baselines(tmp_path, capsys):
+    Trainer(tiny_cfg("train.steps=2"), tmp_path, progress=False).fit()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path), "--baselines", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for entry in (res, res["random_init"], res["raw_pixels"]):
+        assert {"linear", "attentive", "knn"} <= set(entry)
+        assert all(0 <= entry[p]["acc"] <= 1 for p in ("linear", "attentive", "knn"))
+    assert set(res["linear"]["per_layer"]) == {"0", "1", "2"} and res["linear"]["layer"] in (0, 1, 2)
+    assert (tmp_path / "eval" / "probes.json").exists()
+    assert (tmp_path / "plots" / "loss.png").exists() and (tmp_path / "plots" / "probe_layers.png").exists()
+    assert main(["eval", str(tmp_path), "--probe", "knn", "--layers", "1"]) == 0
+    assert "knn" in capsys.readouterr().out
