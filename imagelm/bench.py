@@ -50,7 +50,7 @@ def step_flops(model: nn.Module, batch: dict) -> float:
 def time_steps(model: nn.Module, batches: list[dict], steps: int, bf16: bool, device: torch.device) -> float:
     """Median seconds of a full training step (forward, backward, AdamW) after warm-up."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=device.type == "cuda")
+                            fused=True)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     times = []
     for i in range(steps + 3):

@@ -69,7 +69,7 @@ class Trainer:
         self.loader = BatchLoader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
                                   self.rank, self.world)
         self.opt = torch.optim.AdamW(param_groups(self.method, t.weight_decay), lr=t.lr, betas=t.betas,
-                                     fused=self.device.type == "cuda")
+                                     fused=True)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dist.bf16_supported(self.device))
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
@@ -168,7 +168,7 @@ class Trainer:
             loss.backward()
             times.append(time.perf_counter() - t0)
         self.opt.zero_grad(set_to_none=True)
-        per_step = times[-1] * self.cfg.train.accum_steps * 1.1        # + data, optimizer, logging
+        per_step = times[-1] * self.cfg.train.accum_steps * 1.05       # + data, optimizer, logging
         fits = int(dist.mean(torch.tensor((deadline - time.time()) / per_step)).item())
         self.total = max(1, min(self.total, fits))
 
