@@ -22,8 +22,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, sizes=(1024, 2048, 4096), reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device, sizes=None, reps: int = 5) -> float:
     """Best median GFLOP/s of square matmuls: the roof MFU is measured against."""
+    sizes = sizes or ((2048, 4096, 8192) if device.type == "cuda" else (1024, 2048, 4096))
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""The `imagelm` command: pretrain, eval, bench."""
+"""The `imagelm` command: pretrain, eval, sample, bench."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,46 @@ def cmd_eval(args) -> int:
     else:
         print(table(results))
         print(f"results: {Path(args.run) / 'eval' / 'probes.json'}; plots: {Path(args.run) / 'plots'}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from imagelm import checkpoint, viz
+    from imagelm.data import sources
+    from imagelm.data.transforms import normalize
+    from imagelm.methods import build_method
+    from imagelm.nn.embed import patchify, unpatchify
+    from imagelm.train import load_run_config
+
+    run = Path(args.run)
+    cfg = load_run_config(run)
+    ckpt = checkpoint.latest(run / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} has no checkpoint")
+    method = build_method(cfg)
+    method.load_state_dict(checkpoint.load_weights(ckpt))
+    method.eval()
+    if not hasattr(method, "reconstruct"):
+        raise config.ConfigError(f"method '{cfg.method}' has no reconstructions (--reconstruct is for masked "
+                                 f"image modeling runs)")
+    data = sources.load(cfg.data, cfg.model, "test")
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(data), generator=g)[: args.n]
+    x = normalize(data.images[idx], data.mean, data.std)
+    pred, mask = method.reconstruct(x, torch.rand(len(x), method.noise_dim, generator=g))
+    p, c = cfg.model.patch_size, cfg.model.in_chans
+    m = torch.tensor(data.mean).view(1, -1, 1, 1)
+    s = torch.tensor(data.std).view(1, -1, 1, 1)
+    show = lambda t: t * s + m  # noqa: E731  (back to [0, 1] pixels)
+    patches = patchify(x, p)
+    hidden = mask[..., None].bool()
+    masked = unpatchify(torch.where(hidden, torch.full_like(patches, (0.5 - m.mean().item()) / s.mean().item()),
+                                    patches), p, c)
+    pasted = unpatchify(torch.where(hidden, pred, patches), p, c)
+    out = viz.image_grid([show(x), show(masked), show(unpatchify(pred, p, c)), show(pasted)], Path(args.out))
+    print(f"wrote {out}: columns = original, masked input, reconstruction, reconstruction + visible patches")
     return 0
 
 
@@ -64,6 +104,16 @@ def main(argv=None) -> int:
     s.add_argument("--baselines", action="store_true", help="also probe raw pixels and the random-init encoder")
     s.add_argument("--json", action="store_true", help="print one JSON object (accuracies in [0, 1])")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("sample", help="pictures from a run: MAE reconstructions",
+                       description="Write a PNG grid from a run's latest checkpoint.")
+    s.add_argument("run")
+    s.add_argument("--reconstruct", action="store_true", required=True,
+                   help="original, masked input, reconstruction, reconstruction with visible patches pasted")
+    s.add_argument("--n", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="grid.png")
+    s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("bench", help="throughput, FLOP/s and MFU of a recipe vs timm",
                        description="Measured matmul peak, training-step throughput, achieved FLOP/s and MFU for a "

@@ -51,3 +51,24 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def image_grid(columns: list, path: Path, scale: int = 4, pad: int = 2) -> Path:
+    """Save a PNG whose column j shows columns[j] (N, C, H, W) in [0, 1], one image per row."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    n, c, h, w = columns[0].shape
+    canvas = torch.ones(c, n * (h + pad) + pad, len(columns) * (w + pad) + pad)
+    for j, col in enumerate(columns):
+        for i in range(n):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[:, y:y + h, x:x + w] = col[i].clamp(0, 1)
+    arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

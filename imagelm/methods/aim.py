@@ -14,7 +14,7 @@ from torch import nn
 
 from imagelm.config import ModelConfig
 from imagelm.methods import Output, register
-from imagelm.nn.embed import patchify
+from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import ResidualMLPHead
 from imagelm.nn.transformer import attention_mask
 from imagelm.nn.vit import ViT
@@ -86,11 +86,7 @@ class AIM(nn.Module):
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """(B, K, p*p*C) patches, each normalised by its own mean and variance (norm_pix)."""
-        x = patchify(images, self.p)
-        if self.cfg.norm_pix:
-            mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)
-            x = (x - mean) / (var + 1e-6) ** 0.5
-        return x
+        return normalized_patches(images, self.p, self.cfg.norm_pix)
 
     def encode(self, images: torch.Tensor, order: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         """Tokens in prediction order through prefix-causal (or causal) attention: (B, K, D)."""

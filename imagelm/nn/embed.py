@@ -21,6 +21,16 @@ def unpatchify(patches: torch.Tensor, p: int, channels: int, grid: tuple[int, in
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * p, w * p)
 
 
+def normalized_patches(images: torch.Tensor, p: int, norm_pix: bool = True) -> torch.Tensor:
+    """Pixel targets (B, K, p*p*C); with norm_pix each patch is normalised by its own mean and
+    variance, (x - mu) / sqrt(var + 1e-6), as AIM and MAE regress."""
+    x = patchify(images, p)
+    if norm_pix:
+        mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)
+        x = (x - mean) / (var + 1e-6) ** 0.5
+    return x
+
+
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """(N,) positions -> (N, dim) [sin | cos] with MAE/Transformer frequencies."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))

@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagelm.nn.embed import sincos_2d
+from imagelm.nn.transformer import Transformer
+
 
 class ResidualMLPHead(nn.Module):
     """AIM's head: `depth` residual pre-norm MLP blocks applied to every token independently,
@@ -24,6 +27,27 @@ class ResidualMLPHead(nn.Module):
         for blk in self.blocks:
             x = x + blk(x)
         return self.out(self.norm(x))
+
+
+class MaskedDecoder(nn.Module):
+    """MAE's decoder: project the encoded visible tokens, append one shared mask token per hidden
+    patch, unshuffle to patch order, add sin-cos positions, a small Transformer, then pixels."""
+
+    def __init__(self, enc_dim: int, dim: int, depth: int, heads: int, grid: int, out_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.register_buffer("pos_embed", sincos_2d(dim, grid, grid), persistent=False)
+        self.transformer = Transformer(dim, depth, heads, bias=True, eps=eps)
+        self.pred = nn.Linear(dim, out_dim)
+
+    def forward(self, z: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.embed(z)                                                   # (B, keep, Dd)
+        B, keep, D = x.shape
+        x = torch.cat([x, self.mask_token.to(x.dtype).expand(B, ids_restore.shape[1] - keep, D)], dim=1)
+        x = x.gather(1, ids_restore[..., None].expand(-1, -1, D)) + self.pos_embed   # (B, K, Dd), patch order
+        return self.pred(self.transformer(x))
 
 
 class AttentionPool(nn.Module):
