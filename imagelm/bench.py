@@ -3,6 +3,7 @@ run a timm VisionTransformer of the same width/depth/patch trained with the same
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 
@@ -96,6 +97,10 @@ class TimmAIM(nn.Module):
         return Output(self.aim.loss(self.aim.decode(z, order), self.aim.targets(images), S))
 
 
+# peers: a timm trunk with the method's own head and loss, by method name
+PEERS = {"aim": TimmAIM}
+
+
 def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True) -> dict:
     _, _, device = dist.init()
     bf16 = dist.bf16_supported(device)
@@ -125,10 +130,17 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
             method.encoder.features(x)
         _sync(device)
         res["features_img_per_s"] = 3 * len(x) / (time.perf_counter() - t0)
+    # the method's own ablations (e.g. MAE's full-sequence encoder): speedup = their step time / ours
+    for key, changes in getattr(method.Config, "BENCH_ABLATIONS", {}).items():
+        torch.manual_seed(0)
+        variant = type(method)(cfg.model, dataclasses.replace(cfg.objective, **changes)).to(device)
+        res[key] = time_steps(variant, batches, steps, bf16, device) / sec
     res.update(timm_img_per_s=None, ratio_vs_timm=None)
-    if peer:
+    if peer and cfg.method not in PEERS:
+        res["timm_error"] = f"no timm peer is defined for {cfg.method}"
+    elif peer:
         try:
-            peer_model = TimmAIM(method, cfg).to(device)
+            peer_model = PEERS[cfg.method](method, cfg).to(device)
         except ImportError as e:
             res["timm_error"] = (f"timm is not importable ({e}); `make peers` builds .venv-peers with torch 2.14.1, "
                                  f"torchvision and timm, then run .venv-peers/bin/imagelm bench")
@@ -148,6 +160,8 @@ def report(res: dict) -> str:
              f"MFU {100 * res['mfu']:.1f}% ({res['flops_per_img'] / 1e6:.0f} MFLOP/img per step)",
              f"feature extraction: {res['features_img_per_s']:.0f} img/s; data pipeline "
              f"{1000 * res['data_s_per_batch']:.0f} ms/batch"]
+    for key in [k for k in res if k.endswith("_speedup")]:
+        lines.append(f"{key}: {res[key]:.2f}x")
     if res.get("timm_img_per_s"):
         lines.append(f"timm VisionTransformer, same shape/head/loss: {res['timm_img_per_s']:.0f} img/s, "
                      f"MFU {100 * res['timm_mfu']:.1f}%; ratio imagelm/timm = {res['ratio_vs_timm']:.2f}x")

@@ -72,6 +72,32 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_tokenizer(args) -> int:
+    import time
+
+    from imagelm.config import ModelConfig
+    from imagelm.data import sources
+    from imagelm.data.transforms import normalize
+    from imagelm.tokenizers import visual
+
+    job = config.build(visual.TokenizerJob,
+                       config.apply_overrides(config.to_plain(visual.TokenizerJob()), args.overrides))
+    model = ModelConfig(img_size=job.img_size, patch_size=job.tokenizer.patch_size, in_chans=job.tokenizer.in_chans)
+    train, test = sources.load(job.data, model, "train"), sources.load(job.data, model, "test")
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    t0 = time.time()
+    tok = visual.train_tokenizer(job.tokenizer, normalize(train.images, train.mean, train.std), args.minutes, log)
+    stats = {**visual.tokenizer_stats(tok, normalize(test.images, test.mean, test.std)),
+             "train_s": time.time() - t0, "kind": job.tokenizer.kind, "vocab": job.tokenizer.vocab}
+    visual.save_tokenizer(tok, Path(args.out), stats)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(f"{job.tokenizer.kind} tokenizer, {job.tokenizer.vocab} codes: codebook usage on test "
+              f"{stats['codebook_usage']:.1%}, reconstruction MSE {stats['recon_mse']:.4f}; saved to {args.out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from imagelm.bench import bench, report
 
@@ -114,6 +140,17 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="grid.png")
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("tokenizer", help="train a visual tokenizer (VQ or k-means)")
+    tsub = s.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("train", description="Train a visual tokenizer on a dataset's patches and save it. Keys: "
+                        "tokenizer.kind=vq|kmeans tokenizer.vocab=N tokenizer.patch_size=P tokenizer.steps=N "
+                        "data.dataset=... img_size=N (defaults: Fashion-MNIST, patch 4, 512 codes).")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.add_argument("--out", required=True)
+    t.add_argument("--minutes", type=float)
+    t.add_argument("--json", action="store_true", help="print {codebook_usage, recon_mse, ...} as JSON")
+    t.set_defaults(fn=cmd_tokenizer)
 
     s = sub.add_parser("bench", help="throughput, FLOP/s and MFU of a recipe vs timm",
                        description="Measured matmul peak, training-step throughput, achieved FLOP/s and MFU for a "

@@ -90,14 +90,14 @@ class Config:
     objective: Any = None       # the method's own dataclass, under the YAML key named after it
 
     def to_dict(self) -> dict:
-        d = {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "objective"}
-        d[self.method] = _to_plain(self.objective)
+        d = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "objective"}
+        d[self.method] = to_plain(self.objective)
         return d
 
 
-def _to_plain(x):
+def to_plain(x):
     if dataclasses.is_dataclass(x):
-        return {f.name: _to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        return {f.name: to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
     if isinstance(x, tuple):
         return list(x)
     return x

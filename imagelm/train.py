@@ -66,6 +66,8 @@ class Trainer:
         self.data = sources.load(cfg.data, cfg.model, "train")
         if self.data.skipped and self.rank == 0:
             print(f"skipped {self.data.skipped} unreadable images")
+        if hasattr(self.method, "prepare") and self.resume_from is None:   # e.g. fit a tokenizer
+            self.method.prepare(self.data, self.out, log=print if self.rank == 0 else lambda *a: None)
         self.loader = BatchLoader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
                                   self.rank, self.world)
         self.opt = torch.optim.AdamW(param_groups(self.method, t.weight_decay), lr=t.lr, betas=t.betas,

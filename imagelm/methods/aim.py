@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imagelm.config import ModelConfig
@@ -18,14 +19,15 @@ from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import ResidualMLPHead
 from imagelm.nn.transformer import attention_mask
 from imagelm.nn.vit import ViT
+from imagelm.tokenizers.visual import TokenizerConfig, TokenTargets, VisualTokenizer, prepare_tokenizer
 
 
 @dataclass
-class AIMConfig:
+class AIMConfig(TokenTargets):
     prefix: bool = True          # prefix-causal (paper); false = plain causal
     order: Literal["raster", "spiral", "checkerboard", "random"] = "raster"
     norm_pix: bool = True        # per-patch normalised targets; false = raw-pixel MSE
-    loss: Literal["mse"] = "mse"  # token cross-entropy arrives with the visual tokenizers
+    loss: Literal["mse", "token_ce"] = "mse"   # token_ce: cross-entropy on visual-token codes
     head_depth: int = 12
     head_width: int = 2048
 
@@ -65,10 +67,19 @@ class AIM(nn.Module):
         self.encoder = ViT(model)
         K = self.encoder.num_patches
         self.noise_dim = 1 + K    # prefix length, then the per-image order for order=random
-        self.head = ResidualMLPHead(model.dim, self.p * self.p * model.in_chans, cfg.head_depth, cfg.head_width,
-                                    model.bias, model.norm_eps)
+        out_dim = cfg.vocab if cfg.loss == "token_ce" else self.p * self.p * model.in_chans
+        self.head = ResidualMLPHead(model.dim, out_dim, cfg.head_depth, cfg.head_width, model.bias, model.norm_eps)
+        if cfg.loss == "token_ce":
+            self.tokenizer = VisualTokenizer(TokenizerConfig(kind=cfg.tokenizer_kind, vocab=cfg.vocab,
+                                                             patch_size=model.patch_size, in_chans=model.in_chans,
+                                                             steps=cfg.tokenizer_steps))
+            self.tokenizer.requires_grad_(False)
         if cfg.order != "random":
             self.register_buffer("order", patch_order(cfg.order, self.encoder.grid), persistent=False)
+
+    def prepare(self, data, run_dir, log=print) -> None:
+        if self.cfg.loss == "token_ce":
+            prepare_tokenizer(self.tokenizer, self.cfg, data, run_dir, log)
 
     # --- the method, step by step -------------------------------------------------------------
     def sample_order(self, noise: torch.Tensor) -> torch.Tensor:
@@ -85,7 +96,10 @@ class AIM(nn.Module):
         return 1 + (noise[:, 0] * (K - 1)).long().clamp_(max=K - 2)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, K, p*p*C) patches, each normalised by its own mean and variance (norm_pix)."""
+        """(B, K, p*p*C) patches, each normalised by its own mean and variance (norm_pix), or
+        (B, K, 1) visual-token codes for token_ce."""
+        if self.cfg.loss == "token_ce":
+            return self.tokenizer.encode(images)[..., None]
         return normalized_patches(images, self.p, self.cfg.norm_pix)
 
     def encode(self, images: torch.Tensor, order: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
@@ -103,12 +117,15 @@ class AIM(nn.Module):
         return self.head(z[:, :-1] + pos)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-        """MSE on patches after the prefix only. Averaged per image, then over images, so that
+        """MSE (or token cross-entropy) on patches after the prefix only. Averaged per image, then over images, so that
         any split of the batch across ranks gives the same loss as one process."""
         K = target.shape[1]
         pos = torch.arange(1, K, device=pred.device)                       # index of the predicted patch
         keep = (pos[None] >= S[:, None]).float()                           # (B, K-1)
-        err = (pred.float() - target[:, 1:]).pow(2).mean(dim=-1)           # (B, K-1)
+        if self.cfg.loss == "token_ce":
+            err = F.cross_entropy(pred.float().transpose(1, 2), target[:, 1:, 0], reduction="none")
+        else:
+            err = (pred.float() - target[:, 1:]).pow(2).mean(dim=-1)       # (B, K-1)
         return ((err * keep).sum(1) / keep.sum(1)).mean()
 
     def forward(self, batch: dict) -> Output:

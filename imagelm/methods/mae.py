@@ -30,6 +30,9 @@ class MAEConfig:
     # masked positions. Same loss; ~3x the encoder compute at 75% masking.
     encode_mask_tokens: bool = False
 
+    # `imagelm bench` times these variants against the config: the visible-only encoder's speedup
+    BENCH_ABLATIONS = {"visible_only_speedup": {"encode_mask_tokens": True}}
+
 
 def random_masking(noise: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """noise (B, K) -> ids_keep (B, keep), ids_restore (B, K), mask (B, K) with 1 = masked, in

@@ -1,0 +1,114 @@
+"""BEiT: masked image modeling on visual tokens (Bao et al. 2021, arXiv 2106.08254).
+
+A visual tokenizer maps each patch to a code; ~40% of the patches are masked block-wise; the
+encoder sees the whole sequence with a learned [MASK] embedding at masked positions and predicts
+the code of every masked patch with cross-entropy.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagelm.config import ModelConfig
+from imagelm.methods import Output, register
+from imagelm.nn.vit import ViT
+from imagelm.tokenizers.visual import TokenizerConfig, TokenTargets, VisualTokenizer, prepare_tokenizer
+
+
+@dataclass
+class BEiTConfig(TokenTargets):
+    mask_ratio: float = 0.4
+    masking: Literal["block", "random"] = "block"   # random: the ablation
+    min_block: int = 16          # patches, at BEiT's 14 x 14 grid; scaled to other grids by area
+    aspect: float = 0.3          # block aspect ratio in [aspect, 1 / aspect]
+
+
+def block_mask(grid: int, count: int, min_block: int, aspect: float, rng: random.Random) -> torch.Tensor:
+    """BEiT's block-wise masking: add random rectangles (area >= min_block patches, aspect ratio in
+    [aspect, 1/aspect], each no larger than the remaining budget) until `count` patches are masked.
+    Returns a (grid * grid,) 0/1 mask in raster order."""
+    mask = torch.zeros(grid, grid)
+    log_lo, log_hi = math.log(aspect), math.log(1 / aspect)
+    for _ in range(100):
+        left = count - int(mask.sum())
+        if left <= 0:
+            break
+        for _ in range(10):   # a rectangle that adds at least one new patch within the budget
+            area = rng.uniform(min(min_block, left), left)
+            r = math.exp(rng.uniform(log_lo, log_hi))
+            h, w = round(math.sqrt(area * r)), round(math.sqrt(area / r))
+            if not (1 <= h <= grid and 1 <= w <= grid):
+                continue
+            top, lft = rng.randint(0, grid - h), rng.randint(0, grid - w)
+            block = mask[top:top + h, lft:lft + w]
+            new = int((1 - block).sum())
+            if 0 < new <= left:
+                block.fill_(1)
+                break
+    left = count - int(mask.sum())
+    if left > 0:             # top up single patches so every image meets the ratio exactly
+        free = (mask.flatten() == 0).nonzero().flatten().tolist()
+        mask.view(-1)[rng.sample(free, left)] = 1
+    return mask.flatten()
+
+
+@register("beit")
+class BEiT(nn.Module):
+    Config = BEiTConfig
+
+    def __init__(self, model: ModelConfig, cfg: BEiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViT(model)
+        K = self.encoder.num_patches
+        self.noise_dim = K     # one seed for block sampling, or per-patch noise for random masking
+        self.count = round(cfg.mask_ratio * K)
+        self.min_block = max(1, round(cfg.min_block * K / 196))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, model.dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(model.dim, cfg.vocab)
+        self.tokenizer = VisualTokenizer(TokenizerConfig(kind=cfg.tokenizer_kind, vocab=cfg.vocab,
+                                                         patch_size=model.patch_size, in_chans=model.in_chans,
+                                                         steps=cfg.tokenizer_steps))
+        self.tokenizer.requires_grad_(False)
+
+    def prepare(self, data, run_dir, log=print) -> None:
+        prepare_tokenizer(self.tokenizer, self.cfg, data, run_dir, log)
+
+    # --- the method, step by step -------------------------------------------------------------
+    def mask(self, noise: torch.Tensor) -> torch.Tensor:
+        """(B, K) 0/1, exactly `count` masked per image."""
+        if self.cfg.masking == "random":
+            ranks = noise.argsort(1).argsort(1)
+            return (ranks < self.count).float()
+        seeds = (noise[:, 0].double() * 2 ** 31).long().tolist()
+        return torch.stack([block_mask(self.encoder.grid, self.count, self.min_block, self.cfg.aspect,
+                                       random.Random(s)) for s in seeds]).to(noise.device)
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(images)                                  # (B, K) codes
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.encoder.embed(images)                                        # (B, K, D)
+        tok = (self.mask_token + self.encoder.pos_embed).to(x.dtype)
+        return self.encoder(torch.where(mask[..., None].bool(), tok, x))      # (B, K, D)
+
+    def loss(self, logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on masked positions only (logits already selected there)."""
+        return F.cross_entropy(logits.float(), codes)
+
+    def forward(self, batch: dict) -> Output:
+        images = batch["image"]
+        mask = self.mask(batch["noise"])
+        z = self.encode(images, mask)
+        where = mask.bool()
+        codes = self.targets(images)[where]
+        logits = self.head(z[where])                                          # (B * count, vocab)
+        acc = (logits.argmax(-1) == codes).float().mean()
+        return Output(self.loss(logits, codes), {"token_acc": acc})

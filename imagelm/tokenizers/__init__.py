@@ -1,0 +1,1 @@
+"""Tokenizers that turn images into discrete tokens (visual codes; later, colour palettes)."""
