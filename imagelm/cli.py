@@ -1,4 +1,4 @@
-"""The `imagelm` command: pretrain, eval, sample, bench."""
+"""The `imagelm` command: pretrain, eval, compare, sample, tokenizer, bench."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,13 @@ def cmd_eval(args) -> int:
     else:
         print(table(results))
         print(f"results: {Path(args.run) / 'eval' / 'probes.json'}; plots: {Path(args.run) / 'plots'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from imagelm.eval import compare
+
+    print(compare([Path(r) for r in args.runs]))
     return 0
 
 
@@ -130,6 +137,12 @@ def main(argv=None) -> int:
     s.add_argument("--baselines", action="store_true", help="also probe raw pixels and the random-init encoder")
     s.add_argument("--json", action="store_true", help="print one JSON object (accuracies in [0, 1])")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("compare", help="one probe table over several evaluated runs",
+                       description="Print the probe accuracies of several runs (from RUN/eval/probes.json) in one "
+                       "table, with the baselines of the first run evaluated with --baselines.")
+    s.add_argument("runs", nargs="+")
+    s.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("sample", help="pictures from a run: MAE reconstructions",
                        description="Write a PNG grid from a run's latest checkpoint.")

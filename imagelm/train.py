@@ -156,21 +156,23 @@ class Trainer:
         return row
 
     def _fit_schedule_to_budget(self, deadline: float) -> None:
-        """Under --minutes on a fresh run, shorten the schedule to the steps that fit the budget
-        (timed on two forward/backward passes), so the cosine decay ends when the time does."""
+        """Under --minutes on a fresh run, shorten the schedule to the steps that fit the budget, so
+        the cosine decay ends when the time does. Timed on five batch + forward/backward passes
+        (the median of the last three; the first ones pay for allocation); the weights are not
+        updated, so the run itself is unchanged."""
         if self.step > 0:
             return
-        batch = {k: v.to(self.device) for k, v in self.loader.batch(0).items()}
-        micro = {k: v[: self.loader.local // self.cfg.train.accum_steps] for k, v in batch.items()}
+        micro = self.loader.local // self.cfg.train.accum_steps
         times = []
-        for _ in range(2):
+        for i in range(5):
             t0 = time.perf_counter()
+            batch = {k: v[:micro].to(self.device) for k, v in self.loader.batch(i).items()}
             with self.autocast():
-                loss = self.method(micro).loss
+                loss = self.method(batch).loss
             loss.backward()
             times.append(time.perf_counter() - t0)
         self.opt.zero_grad(set_to_none=True)
-        per_step = times[-1] * self.cfg.train.accum_steps * 1.05       # + data, optimizer, logging
+        per_step = sorted(times[2:])[1] * self.cfg.train.accum_steps * 1.08   # + optimizer, clipping, logging
         fits = int(dist.mean(torch.tensor((deadline - time.time()) / per_step)).item())
         self.total = max(1, min(self.total, fits))
 

@@ -70,5 +70,8 @@ def test_eval_cli_json_with_baselines(tmp_path, capsys):
     assert set(res["linear"]["per_layer"]) == {"0", "1", "2"} and res["linear"]["layer"] in (0, 1, 2)
     assert (tmp_path / "eval" / "probes.json").exists()
     assert (tmp_path / "plots" / "loss.png").exists() and (tmp_path / "plots" / "probe_layers.png").exists()
+    assert main(["compare", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert tmp_path.name in out and "raw_pixels" in out and "random_init" in out
     assert main(["eval", str(tmp_path), "--probe", "knn", "--layers", "1"]) == 0
     assert "knn" in capsys.readouterr().out

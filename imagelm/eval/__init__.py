@@ -108,16 +108,35 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
     return results
 
 
-def table(results: dict) -> str:
-    """The printed comparison: one row per encoder, one column per probe."""
-    rows = [("pretrained", results)] + [(k, results[k]) for k in ("random_init", "raw_pixels") if k in results]
-    cols = [p for p in PROBES if p in results]
-    lines = [f"{'encoder':<12}" + "".join(f"{c:>22}" for c in cols)]
+def table(results: dict, name: str = "pretrained") -> str:
+    """The printed comparison for one run: its encoder, then any baselines."""
+    return rows_table([(name, results)] + [(k, results[k]) for k in ("random_init", "raw_pixels") if k in results])
+
+
+def compare(runs: list[Path]) -> str:
+    """One table over several runs' eval/probes.json (e.g. aim-tiny, mae-tiny, beit-tiny), with the
+    baselines of the first run that has them."""
+    rows, base = [], []
+    for run in map(Path, runs):
+        path = run / "eval" / "probes.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{run} has no eval/probes.json: run `imagelm eval {run}` first")
+        r = json.loads(path.read_text())
+        rows.append((run.name, r))
+        if not base:
+            base = [(k, r[k]) for k in ("random_init", "raw_pixels") if k in r]
+    return rows_table(rows + base)
+
+
+def rows_table(rows: list[tuple[str, dict]]) -> str:
+    cols = [p for p in PROBES if any(p in r for _, r in rows)]
+    width = max(12, *(len(n) + 2 for n, _ in rows))
+    lines = [f"{'encoder':<{width}}" + "".join(f"{c:>22}" for c in cols)]
     for name, r in rows:
         cells = []
         for c in cols:
             e = r.get(c)
-            where = "" if not e else (f" (layer {e['layer']})" if "layer" in e and name != "raw_pixels" else "")
+            where = f" (layer {e['layer']})" if e and "layer" in e and name != "raw_pixels" else ""
             cells.append(("-" if not e else f"{100 * e['acc']:.2f}%") + where)
-        lines.append(f"{name:<12}" + "".join(f"{c:>22}" for c in cells))
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
