@@ -69,7 +69,7 @@ class Trainer:
         if hasattr(self.method, "prepare") and self.resume_from is None:   # e.g. fit a tokenizer
             self.method.prepare(self.data, self.out, log=print if self.rank == 0 else lambda *a: None)
         self.loader = BatchLoader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
-                                  self.rank, self.world)
+                                  self.rank, self.world, self.device)
         self.opt = torch.optim.AdamW(param_groups(self.method, t.weight_decay), lr=t.lr, betas=t.betas,
                                      fused=True)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dist.bf16_supported(self.device))
@@ -79,8 +79,6 @@ class Trainer:
         self.step, self.total = 0, t.steps or max(1, round(t.epochs * self.loader.steps_per_epoch))
         if self.resume_from is not None:
             self._load(self.resume_from)
-        if self.deadline:
-            self._fit_schedule_to_budget(self.deadline)   # before DDP wraps the model
         self.model = DDP(self.method) if self.world > 1 else self.method
         if t.compile:
             self.model = torch.compile(self.model)
@@ -128,7 +126,7 @@ class Trainer:
         t = self.cfg.train
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, self.total, t)
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.batch(step).items()}
+        batch = self.loader.batch(step)
         micro = self.loader.local // t.accum_steps
         loss_sum, metrics = torch.zeros((), device=self.device), {}
         for i in range(t.accum_steps):
@@ -155,26 +153,11 @@ class Trainer:
             row["grad_norm"] = float(gnorm)
         return row
 
-    def _fit_schedule_to_budget(self, deadline: float) -> None:
-        """Under --minutes on a fresh run, shorten the schedule to the steps that fit the budget, so
-        the cosine decay ends when the time does. Timed on five batch + forward/backward passes
-        (the median of the last three; the first ones pay for allocation); the weights are not
-        updated, so the run itself is unchanged."""
-        if self.step > 0:
-            return
-        micro = self.loader.local // self.cfg.train.accum_steps
-        times = []
-        for i in range(5):
-            t0 = time.perf_counter()
-            batch = {k: v[:micro].to(self.device) for k, v in self.loader.batch(i).items()}
-            with self.autocast():
-                loss = self.method(batch).loss
-            loss.backward()
-            times.append(time.perf_counter() - t0)
-        self.opt.zero_grad(set_to_none=True)
-        per_step = sorted(times[2:])[1] * self.cfg.train.accum_steps * 1.08   # + optimizer, clipping, logging
+    def _fit_total(self, deadline: float, per_step: float) -> None:
+        """Under --minutes: shorten the schedule to the steps that fit the time left, so the cosine
+        decay ends when the budget does (measured on real steps; the total is saved with the run)."""
         fits = int(dist.mean(torch.tensor((deadline - time.time()) / per_step)).item())
-        self.total = max(1, min(self.total, fits))
+        self.total = max(self.step + 1, min(self.total, self.step + fits))
 
     def fit(self, until: int | None = None) -> Path | None:
         """Train to the end of the schedule, or until the time budget or step `until` (an
@@ -193,8 +176,18 @@ class Trainer:
                   f"({self.total / self.loader.steps_per_epoch:.2f} epochs), {self.world} rank(s), {self.precision}")
         self.method.train()
         imgs, tick = 0, time.time()
+        # under --minutes the schedule is fitted to the budget from the speed of steps 5-20 (the
+        # first steps pay for allocation); warmup runs meanwhile, so the fit changes little
+        timed = (5, 20) if deadline and self.step == 0 else None
         try:
             while self.step < min(self.total, until or self.total):
+                if timed and self.step == timed[0]:
+                    t_first = time.time()
+                if timed and self.step == timed[1]:
+                    self._fit_total(deadline, (time.time() - t_first) / (timed[1] - timed[0]))
+                    if bar is not None:
+                        bar.total = self.total
+                        bar.refresh()
                 stop = deadline is not None and time.time() > deadline
                 if self.world > 1:   # every rank stops at the same step
                     stop = bool(dist.mean(torch.tensor(float(stop))).item() > 0)

@@ -11,7 +11,7 @@ from imagelm.data.transforms import crop_params, normalize, random_resized_crop
 
 class BatchLoader:
     def __init__(self, data: ImageData, data_cfg, global_batch: int, seed: int, noise_dim: int = 0,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
         if global_batch % world:
             raise ValueError(f"train.batch_size {global_batch} is not divisible by the {world} ranks")
         if global_batch > len(data):
@@ -19,6 +19,7 @@ class BatchLoader:
         self.data, self.cfg, self.seed = data, data_cfg, seed
         self.global_batch, self.noise_dim, self.rank, self.world = global_batch, noise_dim, rank, world
         self.local = global_batch // world
+        self.device = torch.device(device)    # uint8 images travel, augmentation runs there
         self.steps_per_epoch = len(data) // global_batch     # the last partial batch is dropped
         self._perm_epoch, self._perm = -1, None
 
@@ -35,6 +36,7 @@ class BatchLoader:
         theta = crop_params(self.global_batch, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.flip, g)
         noise = torch.rand(self.global_batch, self.noise_dim, generator=g)
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
-        images = normalize(self.data.images[idx[mine]], self.data.mean, self.data.std)
-        return {"image": random_resized_crop(images, theta[mine]), "label": self.data.labels[idx[mine]],
-                "noise": noise[mine]}
+        d = self.device
+        images = normalize(self.data.images[idx[mine]].to(d), self.data.mean, self.data.std)
+        return {"image": random_resized_crop(images, theta[mine].to(d)), "label": self.data.labels[idx[mine]].to(d),
+                "noise": noise[mine].to(d)}

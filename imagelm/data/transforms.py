@@ -33,6 +33,6 @@ def random_resized_crop(images: torch.Tensor, theta: torch.Tensor) -> torch.Tens
 
 def normalize(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float, standardised per channel."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+    m = torch.tensor(mean, device=images_u8.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images_u8.device).view(1, -1, 1, 1)
     return (images_u8.float() / 255 - m) / s
