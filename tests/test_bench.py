@@ -21,3 +21,12 @@ def test_bench_json_keys(tmp_path, capsys, monkeypatch):
     assert res["img_per_s"] > 0 and 0 < res["mfu"] < 1.5
     if res["timm_img_per_s"] is not None:                      # timm importable here
         assert res["ratio_vs_timm"] > 0
+
+
+def test_bench_times_the_methods_own_ablations(capsys):
+    args = ["bench", "mae-tiny", "data.dataset=synthetic", "model.img_size=8", "model.patch_size=2", "model.dim=32",
+            "model.depth=1", "model.heads=2", "mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2",
+            "--batch-size", "16", "--steps", "2", "--json", "--no-peer"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["visible_only_speedup"] > 0 and res["timm_img_per_s"] is None
