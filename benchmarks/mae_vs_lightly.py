@@ -83,7 +83,7 @@ def main() -> None:
     cfg = config.load("mae-tiny")
     m, o, t = cfg.model, cfg.objective, cfg.train
     train = sources.load(cfg.data, m, "train")
-    test = sources.load(cfg.data, m, "test")
+    test = sources.load(cfg.data, m, "test", train)
 
     transform = T.Compose([T.RandomResizedCrop(m.img_size, scale=cfg.data.crop_scale), T.RandomHorizontalFlip(),
                            T.ToTensor(), T.Normalize(train.mean, train.std)])

@@ -90,7 +90,8 @@ def cmd_tokenizer(args) -> int:
     job = config.build(visual.TokenizerJob,
                        config.apply_overrides(config.to_plain(visual.TokenizerJob()), args.overrides))
     model = ModelConfig(img_size=job.img_size, patch_size=job.tokenizer.patch_size, in_chans=job.tokenizer.in_chans)
-    train, test = sources.load(job.data, model, "train"), sources.load(job.data, model, "test")
+    train = sources.load(job.data, model, "train")
+    test = sources.load(job.data, model, "test", train)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     t0 = time.time()
     tok = visual.train_tokenizer(job.tokenizer, normalize(train.images, train.mean, train.std), args.minutes, log)

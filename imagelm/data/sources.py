@@ -115,25 +115,28 @@ def synthetic(n: int, size: int, channels: int, classes: int = 4, seed: int = 0)
     return ImageData(x.clamp(0, 255).to(torch.uint8), labels, [f"class{c}" for c in range(classes)])
 
 
-def load(data_cfg, model_cfg, split: str) -> ImageData:
-    """The split ('train' or 'test') of the configured dataset, with train-split statistics."""
+def _read(data_cfg, model_cfg, split: str) -> ImageData:
     if data_cfg.dataset == "fashion-mnist":
-        ds, train = fashion_mnist(split, data_cfg.root), None
-        if split != "train":
-            train = fashion_mnist("train", data_cfg.root)
-    elif data_cfg.dataset == "folder":
-        sub = lambda s: str(Path(data_cfg.root) / s)  # noqa: E731
-        ds = image_folder(sub(split), model_cfg.img_size, model_cfg.in_chans, data_cfg.strict)
-        train = image_folder(sub("train"), model_cfg.img_size, model_cfg.in_chans, data_cfg.strict) \
-            if split != "train" else None
-    else:
-        seed = {"train": 0, "test": 1}[split]
-        ds = synthetic(512 if split == "train" else 256, model_cfg.img_size, model_cfg.in_chans, seed=seed)
-        train = synthetic(512, model_cfg.img_size, model_cfg.in_chans, seed=0) if split != "train" else None
-    ref = (train or ds).images
+        return fashion_mnist(split, data_cfg.root)
+    if data_cfg.dataset == "folder":
+        return image_folder(str(Path(data_cfg.root) / split), model_cfg.img_size, model_cfg.in_chans, data_cfg.strict)
+    n, seed = {"train": (512, 0), "test": (256, 1)}[split]
+    return synthetic(n, model_cfg.img_size, model_cfg.in_chans, seed=seed)
+
+
+def load(data_cfg, model_cfg, split: str, train: ImageData | None = None) -> ImageData:
+    """The split ('train' or 'test') of the configured dataset, standardised with train-split
+    statistics: those of `train` when given (so the train split is not read twice)."""
+    ds = _read(data_cfg, model_cfg, split)
+    if train is None:
+        train = ds if split == "train" else _read(data_cfg, model_cfg, "train")
+    ref = train.images
     if ref.shape[1] != model_cfg.in_chans or ref.shape[-1] != model_cfg.img_size:
         raise ValueError(f"{data_cfg.dataset} images are {tuple(ref.shape[1:])}, but model.in_chans="
                          f"{model_cfg.in_chans} and model.img_size={model_cfg.img_size}")
-    f = ref.float().div_(255).transpose(0, 1).reshape(ref.shape[1], -1)
-    ds.mean, ds.std = f.mean(1).tolist(), f.std(1).tolist()
+    if train.mean and train is not ds:
+        ds.mean, ds.std = train.mean, train.std
+    else:
+        f = ref.float().div_(255).transpose(0, 1).reshape(ref.shape[1], -1)
+        ds.mean, ds.std = f.mean(1).tolist(), f.std(1).tolist()
     return ds

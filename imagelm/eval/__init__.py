@@ -67,7 +67,8 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
     ckpt = checkpoint.latest(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint to evaluate")
-    train, test = sources.load(cfg.data, cfg.model, "train"), sources.load(cfg.data, cfg.model, "test")
+    train = sources.load(cfg.data, cfg.model, "train")
+    test = sources.load(cfg.data, cfg.model, "test", train)
     classes = len(train.classes)
     _, _, device = dist.init()
     bf16 = dist.bf16_supported(device)
