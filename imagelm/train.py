@@ -173,7 +173,8 @@ class Trainer:
                        desc=f"{self.cfg.method} {self.precision}")
             print(f"{self.cfg.method}: {sum(p.numel() for p in self.method.parameters()) / 1e6:.2f}M params, "
                   f"{self.total} steps of {self.cfg.train.batch_size} images "
-                  f"({self.total / self.loader.steps_per_epoch:.2f} epochs), {self.world} rank(s), {self.precision}")
+                  f"({self.total / self.loader.steps_per_epoch:.2f} epochs), {self.world} rank(s), {self.precision}"
+                  + (" (the steps are fitted to --minutes after step 20)" if deadline and self.step == 0 else ""))
         self.method.train()
         imgs, tick = 0, time.time()
         # under --minutes the schedule is fitted to the budget from the speed of steps 5-20 (the
