@@ -60,7 +60,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_minutes_budget_stops_cleanly_with_a_checkpoint(tmp_path):
-    tr = Trainer(tiny_cfg("train.steps=100000", "train.ckpt_every=100000"), tmp_path, minutes=0.05, progress=False)
+    tr = Trainer(tiny_cfg("train.steps=100000", "train.ckpt_every=100000"), tmp_path, minutes=0.15, progress=False)
     tr.fit()
     last = checkpoint.latest(tmp_path / "checkpoints")
     state = checkpoint.load_state(last)
