@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,6 +71,54 @@ def time_steps(model: nn.Module, batches: list[dict], steps: int, bf16: bool, de
         if i >= 3:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _profile_child(cfg: Config, batch_size: int, steps: int, device: str, queue) -> None:
+    device = torch.device(device)
+    torch.manual_seed(0)
+    method = build_method(cfg).to(device)
+    loader = BatchLoader(sources.load(cfg.data, cfg.model, "train"), cfg.data, batch_size, seed=0,
+                         noise_dim=method.noise_dim, device=device)
+    batches = [loader.batch(i) for i in range(2)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2 ** 20
+    else:
+        Path("/proc/self/clear_refs").write_text("5")       # reset the peak-RSS mark (Linux >= 4.0)
+        before = _rss_mb("VmRSS")
+    sec = time_steps(method, batches, steps, dist.bf16_supported(device), device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_mb("VmHWM")
+    queue.put({"step_s": sec, "peak_mem_mb": peak - before})
+
+
+def profile_step(cfg: Config, batch_size: int, device: torch.device, steps: int = 3) -> dict:
+    """Median step time and the memory a training step adds at its peak (activations, gradients,
+    optimizer state), measured in a fresh process. On the CPU that is the peak resident set
+    above the one before the first step, with glibc told to hand large freed blocks back."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"     # fixed: freed tensors leave the resident set
+    try:
+        p = ctx.Process(target=_profile_child, args=(cfg, batch_size, steps, str(device), q))
+        p.start()
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    out = q.get()
+    p.join()
+    return out
 
 
 class TimmAIM(nn.Module):
@@ -138,6 +188,8 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
         torch.manual_seed(0)
         variant = type(method)(cfg.model, dataclasses.replace(cfg.objective, **changes)).to(device)
         res[key] = time_steps(variant, batches, steps, bf16, device) / sec
+    if hasattr(method, "benchmarks"):    # measurements only that method has (e.g. iGPT's KV cache)
+        res.update(method.benchmarks(cfg, device))
     res.update(timm_img_per_s=None, ratio_vs_timm=None)
     if peer and cfg.method not in PEERS:
         res["timm_error"] = f"no timm peer is defined for {cfg.method}"
@@ -165,6 +217,7 @@ def report(res: dict) -> str:
              f"{1000 * res['data_s_per_batch']:.0f} ms/batch"]
     for key in [k for k in res if k.endswith("_speedup")]:
         lines.append(f"{key}: {res[key]:.2f}x")
+    lines += res.get("notes", [])
     if res.get("timm_img_per_s"):
         lines.append(f"timm VisionTransformer, same shape/head/loss: {res['timm_img_per_s']:.0f} img/s, "
                      f"MFU {100 * res['timm_mfu']:.1f}%; ratio imagelm/timm = {res['ratio_vs_timm']:.2f}x")

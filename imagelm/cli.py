@@ -21,9 +21,10 @@ def cmd_pretrain(args) -> int:
 def cmd_eval(args) -> int:
     from imagelm.eval import PROBES, evaluate, table
 
-    probes = PROBES if args.probe == "all" else (args.probe,)
+    probes = {"all": PROBES, "none": ()}.get(args.probe, (args.probe,))
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    results = evaluate(Path(args.run), probes, args.layers, args.baselines, log=log)
+    results = evaluate(Path(args.run), probes, args.layers, args.baselines, args.finetune, args.overrides,
+                       args.zero_shot, args.retrieval, log=log)
     if args.json:
         print(json.dumps(results))
     else:
@@ -46,7 +47,6 @@ def cmd_sample(args) -> int:
     from imagelm.data import sources
     from imagelm.data.transforms import normalize
     from imagelm.methods import build_method
-    from imagelm.nn.embed import patchify, unpatchify
     from imagelm.train import load_run_config
 
     run = Path(args.run)
@@ -57,26 +57,56 @@ def cmd_sample(args) -> int:
     method = build_method(cfg)
     method.load_state_dict(checkpoint.load_weights(ckpt))
     method.eval()
-    if not hasattr(method, "reconstruct"):
-        raise config.ConfigError(f"method '{cfg.method}' has no reconstructions (--reconstruct is for masked "
-                                 f"image modeling runs)")
+    needed = "reconstruct" if args.reconstruct else "complete"
+    if not hasattr(method, needed):
+        kind = "masked image modeling" if args.reconstruct else "autoregressive pixel (igpt)"
+        raise config.ConfigError(f"method '{cfg.method}' cannot {needed}: --{needed} is for {kind} runs")
     data = sources.load(cfg.data, cfg.model, "test")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[: args.n]
     x = normalize(data.images[idx], data.mean, data.std)
-    pred, mask = method.reconstruct(x, torch.rand(len(x), method.noise_dim, generator=g))
-    p, c = cfg.model.patch_size, cfg.model.in_chans
     m = torch.tensor(data.mean).view(1, -1, 1, 1)
     s = torch.tensor(data.std).view(1, -1, 1, 1)
     show = lambda t: t * s + m  # noqa: E731  (back to [0, 1] pixels)
+    if args.reconstruct:
+        columns, what = _reconstructions(method, cfg, x, g, m, s)
+    else:
+        columns, what = _completions(method, cfg, x, g, args)
+    out = viz.image_grid([show(c) for c in columns], Path(args.out))
+    print(f"wrote {out}: columns = {what}")
+    return 0
+
+
+def _reconstructions(method, cfg, x, g, m, s):
+    import torch
+
+    from imagelm.nn.embed import patchify, unpatchify
+
+    pred, mask = method.reconstruct(x, torch.rand(len(x), method.noise_dim, generator=g))
+    p, c = cfg.model.patch_size, cfg.model.in_chans
     patches = patchify(x, p)
     hidden = mask[..., None].bool()
-    masked = unpatchify(torch.where(hidden, torch.full_like(patches, (0.5 - m.mean().item()) / s.mean().item()),
-                                    patches), p, c)
+    grey = torch.full_like(patches, (0.5 - m.mean().item()) / s.mean().item())
+    masked = unpatchify(torch.where(hidden, grey, patches), p, c)
     pasted = unpatchify(torch.where(hidden, pred, patches), p, c)
-    out = viz.image_grid([show(x), show(masked), show(unpatchify(pred, p, c)), show(pasted)], Path(args.out))
-    print(f"wrote {out}: columns = original, masked input, reconstruction, reconstruction + visible patches")
-    return 0
+    return [x, masked, unpatchify(pred, p, c), pasted], \
+        "original, masked input, reconstruction, reconstruction + visible patches"
+
+
+def _completions(method, cfg, x, g, args):
+    import torch
+    import torch.nn.functional as F
+
+    pal = method.encoder.palette
+    r = pal.resolution
+    keep = r // 2                                                    # --complete top-half
+    up = lambda t: F.interpolate(t, size=x.shape[-2:], mode="nearest")  # noqa: E731
+    cond = pal.dequantize(pal.quantize(x))
+    cond[:, :, keep:] = cond.min()                                   # the rows the model must fill in
+    samples = [up(method.complete(x, keep, args.temperature, args.top_k, g)) for _ in range(args.samples)]
+    return [x, up(cond)] + samples, (f"original, the top half it is conditioned on ({r}x{r} palette pixels), "
+                                     f"{args.samples} sampled completions (temperature {args.temperature}, "
+                                     f"top-k {args.top_k or 'off'})")
 
 
 def cmd_tokenizer(args) -> int:
@@ -115,6 +145,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from imagelm.data import corpora
+
+    out = Path(args.out) if args.out else corpora.default_root() / args.kind
+    for split in ("train", "test") if args.split == "both" else (args.split,):
+        m = corpora.BUILDERS[args.kind](out / split, split, n=args.n, seed=args.seed, root=args.data_root)
+        what = f"{m['documents']} documents ({out / split / m['jsonl']}), {m['samples']} images" \
+            if m.get("jsonl") else f"{m['samples']} samples"
+        print(f"{args.kind}/{split}: {what} in {len(m['shards'])} shards under {out / split} ({m['seconds']:.1f} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="imagelm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -133,9 +175,14 @@ def main(argv=None) -> int:
     s = sub.add_parser("eval", help="probe a run's encoder", description="Linear (per layer), attentive and "
                        "k-NN probes of a run's latest checkpoint; results go to RUN/eval/, plots to RUN/plots/.")
     s.add_argument("run")
-    s.add_argument("--probe", choices=["linear", "attentive", "knn", "all"], default="all")
+    s.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.attentive_lr=3e-3")
+    s.add_argument("--probe", choices=["linear", "attentive", "knn", "all", "none"], default="all")
+    s.add_argument("--zero-shot", action="store_true", help="image-text runs: zero-shot classification (prompt ensemble)")
+    s.add_argument("--retrieval", action="store_true", help="image-text runs: image<->text R@1/5/10 on held-out scenes")
     s.add_argument("--layers", default="all", help="layers for the linear sweep: all, last:N or 1,3,5")
     s.add_argument("--baselines", action="store_true", help="also probe raw pixels and the random-init encoder")
+    s.add_argument("--finetune", action="store_true", help="also fine-tune end to end with a classifier (eval.finetune_* "
+                   "keys: epochs, lr, images for low-data, gen_weight to keep the pretraining loss)")
     s.add_argument("--json", action="store_true", help="print one JSON object (accuracies in [0, 1])")
     s.set_defaults(fn=cmd_eval)
 
@@ -145,11 +192,17 @@ def main(argv=None) -> int:
     s.add_argument("runs", nargs="+")
     s.set_defaults(fn=cmd_compare)
 
-    s = sub.add_parser("sample", help="pictures from a run: MAE reconstructions",
-                       description="Write a PNG grid from a run's latest checkpoint.")
+    s = sub.add_parser("sample", help="pictures from a run: MAE reconstructions, iGPT completions",
+                       description="Write a PNG grid from a run's latest checkpoint (test images).")
     s.add_argument("run")
-    s.add_argument("--reconstruct", action="store_true", required=True,
-                   help="original, masked input, reconstruction, reconstruction with visible patches pasted")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--reconstruct", action="store_true",
+                      help="original, masked input, reconstruction, reconstruction with visible patches pasted")
+    what.add_argument("--complete", choices=["top-half"],
+                      help="original, the conditioning top half, sampled completions (KV-cached sampling)")
+    s.add_argument("--samples", type=int, default=3, help="completions per image (--complete)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     s.add_argument("--n", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="grid.png")
@@ -176,6 +229,19 @@ def main(argv=None) -> int:
     s.add_argument("--no-peer", action="store_true", help="skip the timm comparison")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("data", help="build an image-text corpus from Fashion-MNIST (WebDataset / MMC4 formats)",
+                       description="Write captioned images (WebDataset shards), two-item scenes with where-captions, "
+                       "or MMC4-style interleaved documents with their image shards, to OUT/SPLIT/. Recipes that "
+                       "need a corpus build it into the cache on first use; this command builds one ahead.")
+    s.add_argument("kind", choices=["captions", "scenes", "interleaved"])
+    s.add_argument("--out", help="corpus folder (default: the cache, $IMAGELM_CORPORA/KIND or "
+                   "~/.cache/imagelm/corpora/KIND)")
+    s.add_argument("--split", choices=["train", "test", "both"], default="both")
+    s.add_argument("--n", type=int, help="samples (captions: first N images; scenes; interleaved: documents) per split")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data-root", default="", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    s.set_defaults(fn=cmd_data)
 
     args = p.parse_args(argv)
     try:

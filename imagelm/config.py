@@ -38,8 +38,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion-mnist", "folder", "synthetic"] = "fashion-mnist"
-    root: str = ""              # "" = the dataset's default location
+    dataset: Literal["fashion-mnist", "folder", "synthetic", "captions", "scenes", "captions+scenes",
+                     "interleaved"] = "fashion-mnist"
+    root: str = ""              # "" = the dataset's default location (corpora: ~/.cache/imagelm/corpora)
+    resize: bool = False        # resize images to model.img_size (else a size mismatch is an error)
+    corpus_size: int = 0        # samples per split of a built corpus (0 = its default: every image)
     crop_scale: tuple[float, float] = (0.4, 1.0)   # RandomResizedCrop scale (AIM)
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     flip: bool = True
@@ -78,6 +81,12 @@ class EvalConfig:
     knn_k: int = 20
     knn_t: float = 0.07
     val_size: int = 5000        # train images held out to choose probe hyper-parameters
+    dataset: Literal["", "fashion-mnist", "folder", "synthetic"] = ""   # labelled probe data, if not the training data
+    finetune_epochs: float = 3.0   # `imagelm eval --finetune`: end-to-end, linear head on pooled tokens
+    finetune_lr: float = 3e-4
+    finetune_batch: int = 128
+    finetune_images: int = 10000   # labelled train images used (0 = all): the low-data regime by default
+    finetune_gen_weight: float = 0.0   # > 0 keeps the pretraining loss (iGPT's joint objective)
 
 
 @dataclass

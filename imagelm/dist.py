@@ -47,3 +47,48 @@ def bf16_supported(device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice. Each rank then
+    holds the global loss and DDP's gradient mean divides the world-size factor back out, so the
+    gradients are those of one process with the global batch (the bug to avoid: keeping only
+    the local gradient, which is off by 1/world_size)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)                     # gloo has no reduce_scatter; this is its equivalent
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) per rank -> (world * n, ...) in rank order, differentiable; identity on one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_varying(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Rows that differ in number per rank (e.g. images per document batch): (n_r, ...) ->
+    ((sum n_r, ...) in rank order, differentiable; offset of this rank's rows). Padded to the
+    largest n_r for the gather, the padding dropped after."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x, 0
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    m = max(sizes)
+    if m == 0:
+        return x, 0
+    full = gather_with_grad(torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])]))
+    keep = torch.cat([torch.arange(r * m, r * m + s, device=x.device) for r, s in enumerate(sizes)])
+    return full[keep], sum(sizes[:dist.get_rank()])

@@ -75,3 +75,17 @@ def test_eval_cli_json_with_baselines(tmp_path, capsys):
     assert tmp_path.name in out and "raw_pixels" in out and "random_init" in out
     assert main(["eval", str(tmp_path), "--probe", "knn", "--layers", "1"]) == 0
     assert "knn" in capsys.readouterr().out
+
+
+def test_finetune_learns_and_eval_takes_only_eval_overrides(tmp_path):
+    from imagelm.config import ConfigError
+    from imagelm.eval import evaluate
+
+    Trainer(tiny_cfg(), tmp_path / "run", progress=False).fit()
+    res = evaluate(tmp_path / "run", probes=("linear",), layers="last:1", finetune=True,
+                   overrides=["eval.finetune_epochs=4", "eval.finetune_images=0", "eval.finetune_lr=3e-3",
+                              "eval.finetune_batch=32"], log=lambda *a: None)
+    assert res["finetune"]["images"] == 512 and res["finetune"]["acc"] > 0.6     # 4 classes: chance 25%
+    import pytest
+    with pytest.raises(ConfigError, match="only eval"):
+        evaluate(tmp_path / "run", overrides=["model.dim=8"])

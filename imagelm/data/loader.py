@@ -30,13 +30,18 @@ class BatchLoader:
         return self._perm
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """A sample is an image (N, C, H, W data) or several (N, J, C, H, W: documents); each
+        image gets its own crop."""
         epoch, j = divmod(step, self.steps_per_epoch)
         idx = self._order(epoch)[j * self.global_batch:(j + 1) * self.global_batch]
+        per = self.data.images[0].numel() // self.data.images.shape[-3:].numel()     # images per sample
         g = torch.Generator().manual_seed((self.seed + 1) * 1_000_003 + step)
-        theta = crop_params(self.global_batch, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.flip, g)
+        theta = crop_params(self.global_batch * per, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.flip, g)
         noise = torch.rand(self.global_batch, self.noise_dim, generator=g)
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
         d = self.device
-        images = normalize(self.data.images[idx[mine]].to(d), self.data.mean, self.data.std)
-        return {"image": random_resized_crop(images, theta[mine].to(d)), "label": self.data.labels[idx[mine]].to(d),
-                "noise": noise[mine].to(d)}
+        raw = self.data.images[idx[mine]].to(d)                                     # (b, [J,] C, H, W)
+        images = normalize(raw.flatten(0, -4), self.data.mean, self.data.std)
+        images = random_resized_crop(images, theta[mine.start * per:mine.stop * per].to(d)).view(raw.shape)
+        extras = {k: v[idx[mine]].to(d) for k, v in self.data.extras.items()}
+        return {"image": images, "label": self.data.labels[idx[mine]].to(d), "noise": noise[mine].to(d), **extras}

@@ -31,6 +31,10 @@ class ImageData:
     skipped: int = 0                # unreadable files left out
     mean: list[float] = field(default_factory=list)   # per-channel statistics of the train split
     std: list[float] = field(default_factory=list)
+    texts: list[str] | None = None  # a caption per image (image-text corpora)
+    documents: list | None = None   # interleaved documents (images (N, J, C, H, W), J = most images in one)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)   # per-sample tensors the loader batches
+                                    # with the images, e.g. tokenized captions (N, L), filled by a method
 
     def __len__(self) -> int:
         return len(self.images)
@@ -115,9 +119,61 @@ def synthetic(n: int, size: int, channels: int, classes: int = 4, seed: int = 0)
     return ImageData(x.clamp(0, 255).to(torch.uint8), labels, [f"class{c}" for c in range(classes)])
 
 
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, h, w) uint8 -> (N, C, size, size) uint8, bilinear (antialiased when shrinking)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    flat = images.flatten(0, -4)
+    out = [torch.nn.functional.interpolate(b.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=b.shape[-1] > size) for b in flat.split(4096)]
+    return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8).view(*images.shape[:-2], size, size)
+
+
+def image_text(kinds: list[str], split: str, size: int, root: str = "", n: int = 0) -> ImageData:
+    """Captioned corpora (captions, scenes; built on first use, rank 0 first under DDP) as one
+    in-memory set resized to size x size; label -1 where a sample has none (scenes)."""
+    from imagelm import dist
+    from imagelm.data import corpora
+
+    if dist.world_size() > 1:
+        if torch.distributed.get_rank() == 0:
+            for k in kinds:
+                corpora.ensure_corpus(k, split, root or None, n or None)
+        dist.barrier()
+    parts = [corpora.load_corpus(k, split, root or None, n or None) for k in kinds]
+    return ImageData(torch.cat([resize(p.images, size) for p in parts]), torch.cat([p.labels for p in parts]),
+                     list(FASHION_MNIST_CLASSES), sum(p.skipped for p in parts),
+                     texts=[c for p in parts for c in p.captions])
+
+
+def interleaved(split: str, size: int, root: str = "", n: int = 0) -> ImageData:
+    """MMC4-style documents as samples: images (N, J, C, H, W) zero-padded to the longest document,
+    the documents themselves (text segments and image places) in `documents`."""
+    from imagelm import dist
+    from imagelm.data import corpora
+
+    if dist.world_size() > 1:
+        if torch.distributed.get_rank() == 0:
+            corpora.ensure_corpus("interleaved", split, root or None, n or None)
+        dist.barrier()
+    docs = corpora.load_corpus("interleaved", split, root or None, n or None)
+    J = max(1, max(len(d.images) for d in docs.docs))
+    C = next(im.shape[0] for d in docs.docs for im in d.images)
+    images = torch.zeros(len(docs.docs), J, C, size, size, dtype=torch.uint8)
+    for i, d in enumerate(docs.docs):
+        for j, im in enumerate(d.images):
+            images[i, j] = resize(im[None], size)[0]
+    return ImageData(images, torch.full((len(docs.docs),), -1), list(FASHION_MNIST_CLASSES), docs.missing_images,
+                     documents=docs.docs)
+
+
 def _read(data_cfg, model_cfg, split: str) -> ImageData:
     if data_cfg.dataset == "fashion-mnist":
         return fashion_mnist(split, data_cfg.root)
+    if data_cfg.dataset == "interleaved":
+        return interleaved(split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size)
+    if data_cfg.dataset in ("captions", "scenes", "captions+scenes"):
+        return image_text(data_cfg.dataset.split("+"), split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size)
     if data_cfg.dataset == "folder":
         return image_folder(str(Path(data_cfg.root) / split), model_cfg.img_size, model_cfg.in_chans, data_cfg.strict)
     n, seed = {"train": (512, 0), "test": (256, 1)}[split]
@@ -130,13 +186,17 @@ def load(data_cfg, model_cfg, split: str, train: ImageData | None = None) -> Ima
     ds = _read(data_cfg, model_cfg, split)
     if train is None:
         train = ds if split == "train" else _read(data_cfg, model_cfg, "train")
-    ref = train.images
+    if data_cfg.resize:
+        ds.images = resize(ds.images, model_cfg.img_size)
+        train.images = resize(train.images, model_cfg.img_size)
+    ref = train.images.flatten(0, -4)           # documents hold (J, C, H, W) per sample
     if ref.shape[1] != model_cfg.in_chans or ref.shape[-1] != model_cfg.img_size:
         raise ValueError(f"{data_cfg.dataset} images are {tuple(ref.shape[1:])}, but model.in_chans="
                          f"{model_cfg.in_chans} and model.img_size={model_cfg.img_size}")
     if train.mean and train is not ds:
         ds.mean, ds.std = train.mean, train.std
     else:
+        ref = ref[ref.flatten(1).amax(1) > 0]   # not the empty image slots of short documents
         f = ref.float().div_(255).transpose(0, 1).reshape(ref.shape[1], -1)
         ds.mean, ds.std = f.mean(1).tolist(), f.std(1).tolist()
     return ds

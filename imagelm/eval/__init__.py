@@ -1,6 +1,7 @@
 """The evaluation suite every checkpoint gets: `evaluate(run_dir, ...)` -> dict, saved under eval/."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from imagelm import checkpoint, dist
 from imagelm.data import sources
 from imagelm.eval import features as feats
 from imagelm.eval import probe as P
+from imagelm.config import ConfigError, apply_overrides, from_dict
 from imagelm.methods import build_method
 from imagelm.train import load_run_config
 
@@ -48,6 +50,8 @@ def run_probes(f_train: feats.Features, f_test: feats.Features, y_train, y_test,
         if "linear" in probes:
             res["linear"] = {"acc": sweep[best]["acc"], "layer": best,
                              "per_layer": {str(l): r["acc"] for l, r in sweep.items()}}
+        res["features"] = {"layer": best, "dim": f_test.pooled[best].shape[1],
+                           "effective_rank": P.effective_rank(f_test.pooled[best][:5000])}
         if "knn" in probes:
             res["knn"] = {**P.knn(f_train.pooled[best], y_train, f_test.pooled[best], y_test, classes,
                                   ecfg.knn_k, ecfg.knn_t), "layer": best}
@@ -61,14 +65,28 @@ def run_probes(f_train: feats.Features, f_test: feats.Features, y_train, y_test,
     return res
 
 
-def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = False, log=print) -> dict:
+def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = False, finetune: bool = False,
+             overrides: list[str] = (), zero_shot: bool = False, retrieval: bool = False, log=print) -> dict:
+    """Probe (and optionally fine-tune) a run's latest checkpoint; `overrides` may change eval.* keys."""
     run = Path(run)
     cfg = load_run_config(run)
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"eval takes only eval.* overrides (the run's model and data are fixed): {', '.join(bad)}")
+    if overrides:
+        cfg = from_dict(apply_overrides(cfg.to_dict(), list(overrides)))
     ckpt = checkpoint.latest(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint to evaluate")
-    train = sources.load(cfg.data, cfg.model, "train")
-    test = sources.load(cfg.data, cfg.model, "test", train)
+    probe_data = cfg.data   # labelled images: the training data, or eval.dataset (e.g. for image-text runs)
+    if cfg.eval.dataset:
+        probe_data = dataclasses.replace(cfg.data, dataset=cfg.eval.dataset, root="", resize=True)
+    train = sources.load(probe_data, cfg.model, "train")
+    test = sources.load(probe_data, cfg.model, "test", train)
+    if cfg.eval.dataset:   # the encoder sees inputs standardised as in training
+        ref = sources.load(cfg.data, cfg.model, "train")
+        for d in (train, test):
+            d.mean, d.std = ref.mean, ref.std
     classes = len(train.classes)
     _, _, device = dist.init()
     bf16 = dist.bf16_supported(device)
@@ -83,7 +101,11 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         return out, tok
 
     results = {}
+    if zero_shot or retrieval:
+        results.update(image_text_eval(run, cfg, test, zero_shot, retrieval, bf16, log))
     variants = [("pretrained", True)] + ([("random_init", False)] if baselines else [])
+    if not probes and not finetune:
+        variants, baselines = [], False
     for name, load in variants:
         log(f"{name}:")
         torch.manual_seed(cfg.train.seed)       # the same init the run started from
@@ -94,6 +116,14 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         r = run_probes(f_train, f_test, train.labels, test.labels, classes, probes, cfg.eval, tok, log)
         if name == "pretrained":
             results.update(r)
+            if hasattr(method, "latents"):     # a method's own latent (LCL's z): is it collapsed?
+                results["latent"] = latent_stats(method, test, bf16)
+            if finetune:
+                from imagelm.eval.finetune import finetune as run_finetune
+                t0 = time.time()
+                results["finetune"] = run_finetune(method, train, test, probe_data, cfg.eval, device, bf16, log)
+                log(f"  finetune ({results['finetune']['images']} images): {results['finetune']['acc']:.4f} "
+                    f"({time.time() - t0:.0f}s)")
         else:
             results[name] = r
     if baselines:
@@ -103,15 +133,66 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
                                            ["pixels"], log)
     results["checkpoint"] = str(ckpt)
     (run / "eval").mkdir(exist_ok=True)
-    (run / "eval" / "probes.json").write_text(json.dumps(results, indent=2))
+    path = run / "eval" / "probes.json"
+    if path.exists():    # results of other evaluations of the same checkpoint are kept
+        old = json.loads(path.read_text())
+        if old.get("checkpoint") == str(ckpt):
+            results = {**old, **results}
+    path.write_text(json.dumps(results, indent=2))
     from imagelm import viz
     viz.plot_run(run, results)
     return results
 
 
+def latent_stats(method, test: sources.ImageData, bf16: bool, n: int = 5000) -> dict:
+    from imagelm.data.transforms import normalize
+
+    method.eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        z = torch.cat([method.latents(normalize(b, test.mean, test.std)).float()
+                       for b in test.images[:n].split(1024)])
+    return {"effective_rank": P.effective_rank(z), "dim": z.shape[1], "mean_std": z.std(0).mean().item()}
+
+
+def image_text_eval(run: Path, cfg, test: sources.ImageData, zero_shot: bool, retrieval: bool, bf16: bool,
+                    log=print) -> dict:
+    """Zero-shot accuracy on the labelled test images and retrieval on held-out scenes."""
+    from imagelm.data.transforms import normalize
+    from imagelm.eval import zeroshot as Z
+
+    method = build_method(cfg)
+    if not hasattr(method, "encode_text"):
+        raise ConfigError(f"method '{cfg.method}' has no text tower: --zero-shot/--retrieval need an image-text run")
+    method.load_state_dict(checkpoint.load_weights(checkpoint.latest(run / "checkpoints")))
+    method.load_tokenizer(run, log=log)
+    method.eval()
+    res = {}
+    if zero_shot:
+        t0 = time.time()
+        res["zero_shot"] = Z.zero_shot(method, normalize(test.images, test.mean, test.std), test.labels,
+                                       test.classes, bf16)
+        log(f"  zero-shot ({len(test)} images, {res['zero_shot']['prompts']} prompts per class): "
+            f"{res['zero_shot']['acc']:.4f} ({time.time() - t0:.0f}s)")
+    if retrieval:
+        scenes = sources.image_text(["scenes"], "test", cfg.model.img_size, cfg.data.root, cfg.data.corpus_size)
+        res["retrieval"] = Z.retrieval(method, normalize(scenes.images, test.mean, test.std), scenes.texts, bf16)
+        r = res["retrieval"]
+        log(f"  retrieval on {r['n']} held-out scenes: image->text R@1/5/10 {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/"
+            f"{r['i2t_r10']:.3f}, text->image {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f}")
+    return res
+
+
 def table(results: dict, name: str = "pretrained") -> str:
     """The printed comparison for one run: its encoder, then any baselines."""
-    return rows_table([(name, results)] + [(k, results[k]) for k in ("random_init", "raw_pixels") if k in results])
+    out = rows_table([(name, results)] + [(k, results[k]) for k in ("random_init", "raw_pixels") if k in results])
+    if "zero_shot" in results:
+        out += f"\nzero-shot accuracy: {100 * results['zero_shot']['acc']:.2f}%"
+    if "retrieval" in results:
+        r = results["retrieval"]
+        out += (f"\nretrieval ({r['n']} held-out scenes): image->text R@1 {100 * r['i2t_r1']:.1f}%, R@5 "
+                f"{100 * r['i2t_r5']:.1f}%, R@10 {100 * r['i2t_r10']:.1f}%; text->image R@1 {100 * r['t2i_r1']:.1f}%, "
+                f"R@5 {100 * r['t2i_r5']:.1f}%, R@10 {100 * r['t2i_r10']:.1f}%")
+    return out
 
 
 def compare(runs: list[Path]) -> str:
@@ -130,7 +211,7 @@ def compare(runs: list[Path]) -> str:
 
 
 def rows_table(rows: list[tuple[str, dict]]) -> str:
-    cols = [p for p in PROBES if any(p in r for _, r in rows)]
+    cols = [p for p in (*PROBES, "finetune") if any(p in r for _, r in rows)]
     width = max(12, *(len(n) + 2 for n, _ in rows))
     lines = [f"{'encoder':<{width}}" + "".join(f"{c:>22}" for c in cols)]
     for name, r in rows:

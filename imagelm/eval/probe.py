@@ -101,3 +101,11 @@ def knn(train_x, train_y, test_x, test_y, classes: int, k: int = 20, t: float = 
         votes = torch.zeros(len(idx), classes).scatter_add_(1, train_y[idx], (sim / t).exp())
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
     return {"acc": correct / len(test_x), "k": k}
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of centred features (N, D): D when every
+    direction is used equally, 1 when the features have collapsed onto a line (Roy & Vetterli)."""
+    s = torch.linalg.svdvals(x.float() - x.float().mean(0))
+    p = s / s.sum()
+    return torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item()

@@ -1,4 +1,5 @@
-"""The one Transformer every method uses: pre-norm blocks, SDPA attention, full/causal/prefix masks."""
+"""The one Transformer every method uses: pre-norm blocks, SDPA attention, full/causal/prefix
+masks, and a KV cache for autoregressive sampling."""
 from __future__ import annotations
 
 import contextlib
@@ -47,6 +48,34 @@ def attention_mask(mode: MaskMode, n: int, prefix_len: torch.Tensor | None = Non
     return (causal[None] | in_prefix)[:, None]                          # (B, 1, n, n)
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per block, preallocated to `max_len`: a decode
+    step then costs one token's projections plus attention over the cache, not a full re-encode."""
+
+    def __init__(self, depth: int, batch: int, heads: int, head_dim: int, max_len: int, dtype=torch.float32,
+                 device=None):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.len, self.max_len = 0, max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' k, v (B, h, T, d) to block `layer`; all keys/values so far."""
+        T = k.shape[2]
+        if self.len + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.len} + {T} do not fit")
+        self.k[layer][:, :, self.len:self.len + T] = k
+        self.v[layer][:, :, self.len:self.len + T] = v
+        return self.k[layer][:, :, :self.len + T], self.v[layer][:, :, :self.len + T]
+
+    def mask(self, T: int, device=None) -> torch.Tensor | None:
+        """New token i (at absolute position len+i) sees cached tokens and new tokens j <= i."""
+        if T == 1:
+            return None
+        i = torch.arange(T, device=device)[:, None]
+        return torch.arange(self.len + T, device=device)[None, :] <= self.len + i     # (T, len+T)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, bias: bool = False):
         super().__init__()
@@ -55,9 +84,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x(B, h, N, d)
+        if cache is not None:    # causal decoding: attend to the cache, then these tokens causally
+            mask, is_causal = cache.mask(N, x.device), False
+            k, v = cache.update(layer, k, v)                               # (B, h, len+N, d)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
@@ -82,8 +115,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps, bias=bias)
         self.mlp = MLP(dim, int(dim * mlp_ratio), bias)
 
-    def forward(self, x, mask=None, is_causal=False):
-        x = x + self.attn(self.norm1(x), mask, is_causal)
+    def forward(self, x, mask=None, is_causal=False, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.norm1(x), mask, is_causal, cache, layer)
         return x + self.mlp(self.norm2(x))
 
 
@@ -94,15 +127,26 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, bias, eps) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=eps, bias=bias)
 
+    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> KVCache:
+        attn = self.blocks[0].attn
+        return KVCache(len(self.blocks), batch, attn.heads, attn.qkv.in_features // attn.heads, max_len, dtype,
+                       device)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                layers: list[int] | None = None):
+                layers: list[int] | None = None, cache: KVCache | None = None):
         """x (B, N, D) -> normed output (B, N, D); with `layers`, the list of those block outputs
-        instead (0 = the input tokens, i = after block i), computed only as deep as needed."""
+        instead (0 = the input tokens, i = after block i), computed only as deep as needed.
+        With `cache`, x are the next N tokens of causal sequences whose earlier tokens the cache
+        holds; their keys and values are appended to it."""
         with _attention_backend(x):
             if layers is None:
-                for blk in self.blocks:
-                    x = blk(x, mask, is_causal)
+                for i, blk in enumerate(self.blocks):
+                    x = blk(x, mask, is_causal, cache, i)
+                if cache is not None:
+                    cache.len += x.shape[1]
                 return self.norm(x)
+            if cache is not None:
+                raise ValueError("a KV cache is for decoding; ask for block outputs without one")
             outs, want = {}, set(layers)
             if 0 in want:
                 outs[0] = x

@@ -1,0 +1,113 @@
+"""CLIP: contrastive language-image pretraining (Radford et al. 2021; open_clip).
+
+An image tower (the shared ViT, mean-pooled) and a text tower (a causal Transformer over BPE
+tokens, read out at <|endoftext|>) are projected to one space; a symmetric InfoNCE over the
+global batch pulls matching pairs together, with a learned temperature clamped at 1/100. Under
+torchrun the features of every rank are gathered with their gradients.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagelm import dist
+from imagelm.config import ModelConfig
+from imagelm.methods import Output, register
+from imagelm.nn.gpt import TokenTransformer
+from imagelm.nn.vit import ViT
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512         # the joint space (ViT-B/32)
+    context_length: int = 77
+    text_vocab: int = 49408      # BPE vocabulary (trained on the corpus; a small corpus gives fewer merges)
+    text_dim: int = 512
+    text_depth: int = 12
+    text_heads: int = 8
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0   # temperature clamped at 1/100 (logit scale at ln 100)
+    tokenizer: str = ""          # a saved text tokenizer; "" = RUN/text_tokenizer, trained on first use
+
+
+@register("clip")
+class CLIP(nn.Module):
+    Config = CLIPConfig
+
+    def __init__(self, model: ModelConfig, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.noise_dim = 0
+        self.encoder = ViT(model)
+        self.text = TokenTransformer(cfg.text_vocab, cfg.context_length, cfg.text_dim, cfg.text_depth, cfg.text_heads,
+                                     model.mlp_ratio, model.bias, model.norm_eps, causal=True)
+        self.image_proj = nn.Linear(model.dim, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=model.dim ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=cfg.text_dim ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.tokenizer, self.eot_id = None, 0
+
+    def prepare(self, data, run_dir, log=print) -> None:
+        """Load or train the BPE tokenizer, and tokenize the captions once (the loader batches them)."""
+        self.load_tokenizer(run_dir, data.texts, log)
+        data.extras["text"] = self.tokenize(data.texts)
+
+    def load_tokenizer(self, run_dir, texts: list[str] | None = None, log=print) -> None:
+        self.tokenizer = load_or_train_tokenizer(self.cfg, texts, run_dir, log)
+        self.eot_id = self.tokenizer.eot_id
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise RuntimeError("CLIP has no text tokenizer: call prepare() or load_tokenizer(run_dir)")
+        return self.tokenizer.encode(texts, self.cfg.context_length)
+
+    # --- the method, step by step -------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, E) unit vectors: mean of the final tokens, projected."""
+        return F.normalize(self.image_proj(self.encoder(self.encoder.embed(images)).mean(1)), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, E) unit vectors: the causal tower's state at <|endoftext|>, projected."""
+        h = self.text(self.text.embed(tokens))                                       # (B, L, Dt)
+        eot = (tokens == self.eot_id).int().argmax(-1)                               # first <|endoftext|>
+        return F.normalize(self.text_proj(h[torch.arange(len(h)), eot]), dim=-1)
+
+    def loss(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric InfoNCE over the global batch (B, E) x (B, E); returns (loss, logits)."""
+        img, txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)
+        scale = self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        logits = scale * img.float() @ txt.float().T                                 # (Bg, Bg)
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2, logits
+
+    def forward(self, batch: dict) -> Output:
+        loss, logits = self.loss(self.encode_image(batch["image"]), self.encode_text(batch["text"]))
+        acc = (logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
+        return Output(loss, {"i2t_acc": acc, "logit_scale": self.logit_scale.detach().exp()})
+
+
+def load_or_train_tokenizer(cfg, texts: list[str] | None, run_dir: Path, log=print):
+    """The configured text tokenizer, or RUN/text_tokenizer; trained on `texts` and saved there
+    when there is none (rank 0 writes it)."""
+    from imagelm.tokenizers.text import TextTokenizer, train_text_tokenizer
+
+    path = Path(cfg.tokenizer) if cfg.tokenizer else Path(run_dir) / "text_tokenizer"
+    if (path / "tokenizer.json").exists():
+        tok = TextTokenizer.load(path)
+        log(f"text tokenizer: loaded {path} ({tok.vocab_size} tokens)")
+    else:
+        if not texts:
+            raise ValueError(f"no text tokenizer at {path} and no captions to train one on")
+        tok = train_text_tokenizer(texts, cfg.text_vocab)
+        if not dist.world_size() > 1 or torch.distributed.get_rank() == 0:
+            tok.save(path)
+        log(f"text tokenizer: trained byte-level BPE on {len(texts)} texts ({tok.vocab_size} tokens), saved to {path}")
+    if tok.vocab_size > cfg.text_vocab:
+        raise ValueError(f"text tokenizer {path} has {tok.vocab_size} tokens; the model embeds {cfg.text_vocab}")
+    return tok

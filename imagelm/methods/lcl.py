@@ -1,0 +1,197 @@
+"""LCL: latent compression learning on interleaved image-text documents (Yang et al. 2024,
+arXiv 2406.07543).
+
+Every image of a document is encoded by the shared ViT; its patch tokens, projected, take the
+image's place in the text between <boi> and <eoi>, and a causal Transformer reads the document.
+Two losses train the vision encoder: the causal model's output at the <boi> that opens image k
+must predict that image's attention-pooled latent z_k (InfoNCE against every image of the global
+batch: the context compresses into the latent), and next-token cross-entropy on the text.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagelm import dist
+from imagelm.config import ModelConfig
+from imagelm.methods import Output, register
+from imagelm.methods.clip import load_or_train_tokenizer
+from imagelm.nn.gpt import TokenTransformer
+from imagelm.nn.heads import AttentionPool
+from imagelm.nn.vit import ViT
+
+
+@dataclass
+class LCLConfig:
+    objective: Literal["both", "contrastive", "generation"] = "both"   # the paper's ablation
+    text_weight: float = 1.0
+    contrastive_weight: float = 0.1
+    embed_dim: int = 256         # the latent z and the <boi> prediction
+    image_tokens: int = 0        # visual tokens per image in the sequence (0 = every patch; else g*g pooled)
+    context_length: int = 2048   # document tokens, images included
+    text_vocab: int = 32000
+    text_dim: int = 512
+    text_depth: int = 12
+    text_heads: int = 8
+    init_temperature: float = 0.07
+    caption_image_first: float = 0.5   # captions as one-image documents: P(image before its caption)
+    tokenizer: str = ""          # a saved text tokenizer; "" = RUN/text_tokenizer, trained on first use
+    seed: int = 0
+
+
+@register("lcl")
+class LCL(nn.Module):
+    Config = LCLConfig
+
+    def __init__(self, model: ModelConfig, cfg: LCLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.noise_dim = 0
+        self.encoder = ViT(model)
+        K = self.encoder.num_patches
+        self.M = cfg.image_tokens or K
+        if math.isqrt(self.M) ** 2 != self.M:
+            raise ValueError(f"lcl.image_tokens={cfg.image_tokens} must be a square (g x g pooled patches)")
+        self.pool = AttentionPool(model.dim, math.gcd(8, model.dim))
+        self.z_proj = nn.Linear(model.dim, cfg.embed_dim, bias=False)
+        self.vis_proj = nn.Linear(model.dim, cfg.text_dim)
+        self.lm = TokenTransformer(cfg.text_vocab, cfg.context_length, cfg.text_dim, cfg.text_depth, cfg.text_heads,
+                                   model.mlp_ratio, model.bias, model.norm_eps, causal=True, out=cfg.text_vocab)
+        self.ctx_proj = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.tokenizer = None
+
+    # --- data: documents -> token sequences with image slots ------------------------------------
+    def prepare(self, data, run_dir, log=print) -> None:
+        """Train/load the BPE tokenizer and lay out every document once: the loader batches the
+        sequences with the images."""
+        if data.documents is not None:
+            docs = [doc_parts(d) for d in data.documents]
+        else:
+            docs = caption_documents(data.texts, self.cfg.caption_image_first, self.cfg.seed)
+        self.tokenizer = load_or_train_tokenizer(self.cfg, [p for d in docs for p in d if isinstance(p, str)],
+                                                 run_dir, log)
+        data.extras.update(self.layout(docs, data.images.shape[1] if data.images.dim() == 5 else 1))
+        log(f"lcl: {len(docs)} documents, {int(data.extras['valid'].sum())} images placed in sequences of "
+            f"{self.cfg.context_length} tokens ({self.M} per image)")
+
+    def layout(self, docs: list[list], J: int) -> dict[str, torch.Tensor]:
+        """Each document, a list of text segments (str) and image indices (int), as
+        tokens (N, L); slot (N, L): -1 for text, else j*M + m for visual token m of image j;
+        boi (N, J): position of image j's <boi> (-1: absent or cut); valid (N, J)."""
+        tok, L, M = self.tokenizer, self.cfg.context_length, self.M
+        N = len(docs)
+        tokens = torch.full((N, L), tok.pad_id, dtype=torch.long)
+        slot = torch.full((N, L), -1, dtype=torch.long)
+        boi = torch.full((N, J), -1, dtype=torch.long)
+        for i, parts in enumerate(docs):
+            ids, slots = [], []
+            for part in parts:
+                if isinstance(part, str):
+                    new = tok.encode_ids((" " if ids else "") + part)[:max(0, L - 1 - len(ids))]
+                    ids += new
+                    slots += [-1] * len(new)
+                elif len(ids) + M + 3 <= L:              # <boi> M slots <eoi>, room left for <|endoftext|>
+                    boi[i, part] = len(ids)
+                    ids += [tok.boi_id] + [tok.pad_id] * M + [tok.eoi_id]
+                    slots += [-1] + [part * M + m for m in range(M)] + [-1]
+            ids, slots = ids[:L - 1] + [tok.eot_id], slots[:L - 1] + [-1]
+            tokens[i, :len(ids)] = torch.tensor(ids)
+            slot[i, :len(slots)] = torch.tensor(slots)
+        return {"tokens": tokens, "slot": slot, "boi": boi, "valid": boi >= 0}
+
+    # --- the method, step by step -------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, C, H, W) -> latents z (n, E), unit norm, and visual tokens for the sequence (n, M, Dt)."""
+        h = self.encoder(self.encoder.embed(images))                                   # (n, K, D)
+        z = F.normalize(self.z_proj(self.pool(h)), dim=-1)
+        if self.M != h.shape[1]:
+            g, G = math.isqrt(self.M), self.encoder.grid
+            grid = h.transpose(1, 2).reshape(len(h), -1, G, G)
+            h = F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)              # (n, M, D)
+        return z, self.vis_proj(h)
+
+    def read(self, tokens: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+        """The causal model over a document with each image's visual tokens in its slots: (B, L, Dt)."""
+        B, L = tokens.shape
+        Dt = vis.shape[-1]
+        J = valid.shape[1]
+        placed = vis.new_zeros(B, J, self.M, Dt)
+        placed[valid] = vis                                                            # (B, J, M, Dt)
+        at_slot = placed.view(B, J * self.M, Dt).gather(1, slot.clamp(min=0)[..., None].expand(-1, -1, Dt))
+        x = torch.where((slot >= 0)[..., None], at_slot, self.lm.tok_embed(tokens).to(vis.dtype))
+        return self.lm(x + self.lm.pos_embed[:L])
+
+    def text_loss(self, h: torch.Tensor, tokens: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy on text tokens (and <|endoftext|>), averaged per document, then
+        over documents, so that any split of the batch across ranks gives the same loss."""
+        tok = self.tokenizer
+        target = tokens[:, 1:]
+        keep = (slot[:, 1:] < 0) & (target != tok.pad_id) & (target != tok.boi_id) & (target != tok.eoi_id)
+        err = F.cross_entropy(self.lm.head(h[:, :-1]).float().transpose(1, 2), target, reduction="none")
+        keep = keep.float()
+        return ((err * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
+
+    def contrastive_loss(self, h: torch.Tensor, z: torch.Tensor, boi: torch.Tensor, valid: torch.Tensor):
+        """InfoNCE between the output at image k's <boi> and z_k, against every image of the global
+        batch; images with nothing before them have no context and ask nothing."""
+        B = len(h)
+        pos = boi[valid]                                                               # (n,)
+        ctx = F.normalize(self.ctx_proj(h[torch.arange(B, device=h.device)[:, None].expand_as(boi)[valid], pos]),
+                          dim=-1)
+        ask = pos > 0
+        keys, offset = dist.gather_varying(z)                                          # (n_all, E)
+        queries, _ = dist.gather_varying(ctx[ask])
+        target, _ = dist.gather_varying((ask.nonzero().flatten() + offset).float()[:, None])
+        target = target.flatten().long()
+        if len(queries) == 0:
+            return (z.sum() + ctx.sum()) * 0.0, torch.tensor(0.0)
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        logits = scale * queries.float() @ keys.float().T                             # (q, n_all)
+        back = logits.T[target]                                                        # (q, q): each image vs contexts
+        q = torch.arange(len(queries), device=logits.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(back, q)) / 2
+        return loss, (logits.argmax(1) == target).float().mean()
+
+    def forward(self, batch: dict) -> Output:
+        images, valid = batch["image"], batch["valid"]
+        if images.dim() == 4:                      # one-image documents (captions)
+            images = images[:, None]
+        z, vis = self.encode(images[valid])
+        h = self.read(batch["tokens"], batch["slot"], valid, vis)
+        loss, metrics = 0.0, {}
+        if self.cfg.objective in ("both", "generation"):
+            lt = self.text_loss(h, batch["tokens"], batch["slot"])
+            loss, metrics["text_loss"] = loss + self.cfg.text_weight * lt, lt.detach()
+        if self.cfg.objective in ("both", "contrastive"):
+            lc, acc = self.contrastive_loss(h, z, batch["boi"], valid)
+            w = self.cfg.contrastive_weight if self.cfg.objective == "both" else 1.0
+            loss, metrics["contrastive_loss"], metrics["contrastive_acc"] = loss + w * lc, lc.detach(), acc
+        return Output(loss, metrics)
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> z (B, E): for the collapse indicator."""
+        return self.encode(images)[0]
+
+
+def doc_parts(doc) -> list:
+    """A corpora.Document in reading order, images as their index in the document."""
+    out, by_pos = [], {}
+    for j, p in enumerate(doc.positions):
+        by_pos.setdefault(p, []).append(j)
+    for i, t in enumerate(doc.texts):
+        out += by_pos.pop(i, []) + [t]
+    return out + [j for p in sorted(by_pos) for j in by_pos[p]]
+
+
+def caption_documents(captions: list[str], image_first: float, seed: int) -> list[list]:
+    """Image-caption pairs as one-image documents: [image, caption] or [caption, image]."""
+    rng = random.Random(seed)
+    return [[0, c] if rng.random() < image_first else [c, 0] for c in captions]

@@ -1,0 +1,99 @@
+import os
+
+import torch
+import torch.multiprocessing as mp
+
+from conftest import tiny_cfg
+from imagelm.methods import build_method
+from imagelm.tokenizers.text import train_text_tokenizer
+from test_distributed import _free_port
+
+LCL = ("method=lcl", "lcl.embed_dim=16", "lcl.image_tokens=4", "lcl.context_length=40", "lcl.text_vocab=300",
+       "lcl.text_dim=32", "lcl.text_depth=2", "lcl.text_heads=2")
+DOCS = [["a dark bag on sale", 0, "it costs five dollars.", 1, "and this boot"],   # two images
+        [0, "an image opens this page."],                                          # image first
+        [0, 1],                                                                    # images only
+        ["a page with no image at all."],                                          # no image
+        ["a large coat", 0, "warm."], ["a sandal", 0, "for summer.", 1, "a bag"]]
+
+
+def _model(*overrides):
+    torch.manual_seed(0)
+    m = build_method(tiny_cfg(*LCL, *overrides))
+    m.tokenizer = train_text_tokenizer([p for d in DOCS for p in d if isinstance(p, str)] * 5, 300)
+    return m
+
+
+def _batch(m):
+    g = torch.Generator().manual_seed(0)
+    lay = m.layout(DOCS, 2)
+    return {"image": torch.randn(len(DOCS), 2, 1, 8, 8, generator=g), **lay}
+
+
+def test_layout_places_images_between_boi_and_eoi():
+    m = _model()
+    b = _batch(m)
+    assert b["valid"].tolist() == [[True, True], [True, False], [True, True], [False, False], [True, False],
+                                   [True, True]]
+    tok = m.tokenizer
+    for i in range(len(DOCS)):
+        for j in range(2):
+            p = int(b["boi"][i, j])
+            if p >= 0:
+                assert b["tokens"][i, p] == tok.boi_id and b["tokens"][i, p + 5] == tok.eoi_id
+                assert b["slot"][i, p + 1:p + 5].tolist() == [j * 4 + k for k in range(4)]
+    assert b["boi"][1, 0] == 0                              # an image first: no context before it
+
+
+def test_contrastive_target_uses_only_tokens_before_the_image():
+    m = _model().eval()
+    b = _batch(m)
+    z, vis = m.encode(b["image"][b["valid"]])
+    h = m.read(b["tokens"], b["slot"], b["valid"], vis)
+    p = int(b["boi"][0, 1])                                  # doc 0, its second image
+    later = b["tokens"].clone()
+    later[0, p + 6:] = 7                                     # text after the image
+    img = b["image"].clone()
+    img[0, 1] += 1.0                                         # the image itself
+    z2, vis2 = m.encode(img[b["valid"]])
+    h2 = m.read(later, b["slot"], b["valid"], vis2)
+    assert torch.allclose(h[0, :p + 1], h2[0, :p + 1], atol=1e-5)      # the <boi> state: unchanged
+    assert not torch.allclose(h[0, p + 1:], h2[0, p + 1:], atol=1e-4)
+
+
+def test_every_document_shape_trains_and_each_objective_runs():
+    for objective in ("both", "contrastive", "generation"):
+        m = _model(f"lcl.objective={objective}")
+        out = m(_batch(m))
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        assert m.encoder.patch_embed.proj.weight.grad.abs().sum() > 0   # the vision encoder learns
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    try:
+        m = _model()
+        b = _batch(m)
+        mine = slice(rank * 3, rank * 3 + 3)                  # 5 images on rank 0, 3 on rank 1
+        model = torch.nn.parallel.DistributedDataParallel(m)
+        loss = model({k: v[mine] for k, v in b.items()}).loss
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grads": {k: p.grad for k, p in m.named_parameters()
+                                                     if p.grad is not None}}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_variable_image_counts_on_two_ranks_equal_one_process(tmp_path):
+    m = _model()
+    loss = m(_batch(m)).loss
+    loss.backward()
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"r.{i}", weights_only=True) for i in (0, 1))
+    assert torch.allclose((r0["loss"] + r1["loss"]) / 2, loss.detach(), atol=1e-5)   # DDP's mean of rank losses
+    for k, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(r0["grads"][k], p.grad, atol=1e-5, rtol=1e-4), k
