@@ -80,45 +80,51 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _profile_child(cfg: Config, batch_size: int, steps: int, device: str, queue) -> None:
+def _profile_child(cfg: Config, batch_size: int, steps: int, device: str, threads: int, queue) -> None:
+    import ctypes
+
+    torch.set_num_threads(threads)
     device = torch.device(device)
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
     loader = BatchLoader(sources.load(cfg.data, cfg.model, "train"), cfg.data, batch_size, seed=0,
                          noise_dim=method.noise_dim, device=device)
     batches = [loader.batch(i) for i in range(2)]
+    bf16 = dist.bf16_supported(device)
+    sec = time_steps(method, batches, steps, bf16, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2 ** 20
-    else:
+    else:   # glibc: hand freed blocks >= 128 KiB back to the OS, so the resident set follows the tensors
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)        # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")       # reset the peak-RSS mark (Linux >= 4.0)
         before = _rss_mb("VmRSS")
-    sec = time_steps(method, batches, steps, dist.bf16_supported(device), device)
+    time_steps(method, batches, 1, bf16, device)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_mb("VmHWM")
     queue.put({"step_s": sec, "peak_mem_mb": peak - before})
 
 
 def profile_step(cfg: Config, batch_size: int, device: torch.device, steps: int = 3) -> dict:
-    """Median step time and the memory a training step adds at its peak (activations, gradients,
-    optimizer state), measured in a fresh process. On the CPU that is the peak resident set
-    above the one before the first step, with glibc told to hand large freed blocks back."""
+    """Median step time, then the memory a training step adds at its peak above the resident
+    model (activations, gradients, optimizer state), in a fresh process."""
     import multiprocessing as mp
+    import queue as Q
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"     # fixed: freed tensors leave the resident set
+    p = ctx.Process(target=_profile_child, args=(cfg, batch_size, steps, str(device), torch.get_num_threads(), q))
+    p.start()
     try:
-        p = ctx.Process(target=_profile_child, args=(cfg, batch_size, steps, str(device), q))
-        p.start()
+        while True:
+            try:
+                return q.get(timeout=5)
+            except Q.Empty:
+                if not p.is_alive():
+                    raise RuntimeError(f"the profiling process died (exit code {p.exitcode})") from None
     finally:
-        if old is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
-    out = q.get()
-    p.join()
-    return out
+        p.join()
 
 
 class TimmAIM(nn.Module):

@@ -1,4 +1,4 @@
-"""The `imagelm` command: pretrain, eval, compare, sample, tokenizer, bench."""
+"""The `imagelm` command: pretrain, eval, compare, sample, tokenizer, data, bench."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,9 @@ def cmd_sample(args) -> int:
     method.load_state_dict(checkpoint.load_weights(ckpt))
     method.eval()
     needed = "reconstruct" if args.reconstruct else "complete"
+    if needed == "complete" and getattr(cfg.objective, "objective", "ar") != "ar":
+        raise config.ConfigError(f"--complete needs an autoregressive run; {run} was trained with "
+                                 f"{cfg.method}.objective={cfg.objective.objective}")
     if not hasattr(method, needed):
         kind = "masked image modeling" if args.reconstruct else "autoregressive pixel (igpt)"
         raise config.ConfigError(f"method '{cfg.method}' cannot {needed}: --{needed} is for {kind} runs")
@@ -243,7 +246,11 @@ def main(argv=None) -> int:
     s.add_argument("--data-root", default="", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     s.set_defaults(fn=cmd_data)
 
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra:     # key=value overrides after an option (argparse stops the positional list there)
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except (config.ConfigError, FileNotFoundError, FileExistsError) as e:

@@ -66,7 +66,7 @@ class Trainer:
         self.data = sources.load(cfg.data, cfg.model, "train")
         if self.data.skipped and self.rank == 0:
             print(f"skipped {self.data.skipped} unreadable images")
-        if hasattr(self.method, "prepare") and self.resume_from is None:   # e.g. fit a tokenizer
+        if hasattr(self.method, "prepare"):   # fit (or, on resume, load) a tokenizer; tokenize the text
             self.method.prepare(self.data, self.out, log=print if self.rank == 0 else lambda *a: None)
         self.loader = BatchLoader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
                                   self.rank, self.world, self.device)

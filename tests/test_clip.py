@@ -91,7 +91,8 @@ def test_clip_trains_on_built_corpora_and_evaluates_zero_shot_and_retrieval(tmp_
                                      "data.flip=false", "train.steps=4", "train.batch_size=32",
                                      "eval.dataset=fashion-mnist"]
     from imagelm.train import Trainer
-    Trainer(tiny_cfg(*args), tmp_path / "run", progress=False).fit()
+    Trainer(tiny_cfg(*args), tmp_path / "run", progress=False).fit(until=2)      # interrupted, then resumed:
+    Trainer(tiny_cfg(*args), tmp_path / "run", resume=True, progress=False).fit()   # tokenizer and captions reload
     assert (tmp_path / "run" / "text_tokenizer" / "tokenizer.json").exists()
     assert len(list((root / "scenes" / "train").glob("*.tar"))) >= 1   # built on first use
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -47,3 +47,9 @@ def test_config_roundtrip():
     cfg = config.load("aim-tiny")
     assert config.from_dict(cfg.to_dict()) == cfg
     assert config.diff(cfg.to_dict(), config.load("aim-tiny", ["train.lr=1"]).to_dict()) == ["train.lr"]
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    from imagelm.cli import main
+    assert main(["pretrain", "aim-tiny", "--out", str(tmp_path), "aim.typo=1"]) == 2
+    assert "aim.typo" in capsys.readouterr().err

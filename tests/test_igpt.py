@@ -35,6 +35,14 @@ def test_palette_roundtrip_and_nearest_colour():
     assert rgb.dequantize(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 3, 4, 4)
 
 
+def test_quantisation_is_exact_under_bf16_autocast():
+    pal = Palette(64, 1, 8).fit(torch.randn(64, 1, 8, 8))
+    x = torch.randn(16, 1, 8, 8)
+    want = (x.flatten(1)[..., None] - pal.colours[:, 0]).abs().argmin(-1)     # nearest colour, fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(pal.quantize(x), want)
+
+
 def test_changing_pixel_t_changes_no_logit_before_t():
     m = igpt().eval()
     gpt = m.encoder.gpt
@@ -88,7 +96,7 @@ def test_features_api_and_completion_keeps_the_top_rows():
     m = igpt().eval()
     x = torch.randn(2, 1, 8, 8)
     feats = m.encoder.features(x, [0, 1, 2])
-    assert [f.shape for f in feats] == [(2, 65, 32)] * 3
+    assert [f.shape for f in feats] == [(2, 64, 32)] * 3         # AR: SOS, x_1..x_{N-1}
     out = m.complete(x, keep_rows=4, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 1, 8, 8)
     kept = m.encoder.palette.dequantize(m.encoder.palette.quantize(x))

@@ -68,6 +68,7 @@ def test_every_document_shape_trains_and_each_objective_runs():
         out.loss.backward()
         assert torch.isfinite(out.loss)
         assert m.encoder.patch_embed.proj.weight.grad.abs().sum() > 0   # the vision encoder learns
+        assert all(p.grad is not None for p in m.parameters())          # DDP needs every gradient
 
 
 def _worker(rank, world, port, out):

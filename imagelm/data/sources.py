@@ -158,7 +158,9 @@ def interleaved(split: str, size: int, root: str = "", n: int = 0) -> ImageData:
         dist.barrier()
     docs = corpora.load_corpus("interleaved", split, root or None, n or None)
     J = max(1, max(len(d.images) for d in docs.docs))
-    C = next(im.shape[0] for d in docs.docs for im in d.images)
+    C = next((im.shape[0] for d in docs.docs for im in d.images), None)
+    if C is None:
+        raise DatasetMissing(f"the interleaved {split} documents hold no readable image")
     images = torch.zeros(len(docs.docs), J, C, size, size, dtype=torch.uint8)
     for i, d in enumerate(docs.docs):
         for j, im in enumerate(d.images):

@@ -12,7 +12,7 @@ from imagelm import checkpoint, dist
 from imagelm.data import sources
 from imagelm.eval import features as feats
 from imagelm.eval import probe as P
-from imagelm.config import ConfigError, apply_overrides, from_dict
+from imagelm.config import ConfigError, apply_overrides, from_dict, to_plain
 from imagelm.methods import build_method
 from imagelm.train import load_run_config
 
@@ -88,6 +88,9 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         for d in (train, test):
             d.mean, d.std = ref.mean, ref.std
     classes = len(train.classes)
+    if (train.labels < 0).any() and (probes or finetune):
+        raise ConfigError(f"{cfg.data.dataset} has no class labels to probe with: pass eval.dataset=fashion-mnist "
+                          f"(or another labelled dataset)")
     _, _, device = dist.init()
     bf16 = dist.bf16_supported(device)
 
@@ -110,8 +113,12 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         log(f"{name}:")
         torch.manual_seed(cfg.train.seed)       # the same init the run started from
         method = build_method(cfg)
+        weights = checkpoint.load_weights(ckpt)
         if load:
-            method.load_state_dict(checkpoint.load_weights(ckpt))
+            method.load_state_dict(weights)
+        else:   # untrained, but with the run's fitted preprocessing (e.g. iGPT's palette): buffers only
+            buffers = dict(method.named_buffers())
+            method.load_state_dict({k: v for k, v in weights.items() if k in buffers}, strict=False)
         (f_train, f_test), tok = encoder_features(method)
         r = run_probes(f_train, f_test, train.labels, test.labels, classes, probes, cfg.eval, tok, log)
         if name == "pretrained":
@@ -131,12 +138,13 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         f_train, f_test = feats.raw_pixels(train, cfg.model.patch_size), feats.raw_pixels(test, cfg.model.patch_size)
         results["raw_pixels"] = run_probes(f_train, f_test, train.labels, test.labels, classes, probes, cfg.eval,
                                            ["pixels"], log)
-    results["checkpoint"] = str(ckpt)
+    results["checkpoint"] = str(ckpt.resolve())
+    results["eval_config"] = to_plain(cfg.eval)
     (run / "eval").mkdir(exist_ok=True)
     path = run / "eval" / "probes.json"
-    if path.exists():    # results of other evaluations of the same checkpoint are kept
+    if path.exists():    # kept: other evaluations of the same checkpoint with the same settings
         old = json.loads(path.read_text())
-        if old.get("checkpoint") == str(ckpt):
+        if old.get("checkpoint") == results["checkpoint"] and old.get("eval_config") == results["eval_config"]:
             results = {**old, **results}
     path.write_text(json.dumps(results, indent=2))
     from imagelm import viz

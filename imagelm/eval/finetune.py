@@ -40,6 +40,7 @@ def finetune(method: nn.Module, train: ImageData, test: ImageData, data_cfg, ecf
     subset = dataclasses.replace(train, images=train.images[idx], labels=train.labels[idx])
     dim = method.encoder.features(normalize(train.images[:1], train.mean, train.std).to(device))[0].shape[-1]
     torch.manual_seed(0)
+    method.to(device)
     clf = Classifier(method.encoder, dim, len(train.classes)).to(device)
     params = nn.ModuleList([clf, method]) if ecfg.finetune_gen_weight else clf
     batch = min(ecfg.finetune_batch, n)

@@ -54,10 +54,14 @@ class PixelGPT(nn.Module):
         return torch.cat([torch.full_like(t[:, :1], self.sos), t], dim=1)
 
     def features(self, images: torch.Tensor, layers: list[int] | None = None) -> list[torch.Tensor]:
-        """Per-layer token features (B, 1 + r*r, D), in the attention pattern the model was trained
-        with (causal for AR); pooling is the probe's job."""
+        """Per-layer token features, in the attention pattern the model was trained with: AR sees
+        what it was trained on, SOS x_1..x_{N-1} (B, N, D), as openai/image-gpt pools; BERT sees
+        SOS x_1..x_N (B, 1 + N, D), nothing masked. Pooling is the probe's job."""
         layers = layers or [self.num_layers]
-        return self.gpt(self.gpt.embed(self.tokens(images)), layers=layers)
+        tokens = self.tokens(images)
+        if self.gpt.causal:
+            tokens = tokens[:, :-1]
+        return self.gpt(self.gpt.embed(tokens), layers=layers)
 
 
 @register("igpt")
@@ -152,7 +156,7 @@ class IGPT(nn.Module):
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Condition on the top `keep_rows` rows of pixels and sample the rest: (B, C, r, r)."""
         if self.cfg.objective != "ar":
-            raise ValueError("completions need the autoregressive model (igpt.objective=ar)")
+            raise ValueError("completions need the autoregressive model (igpt.objective=ar)")  # the CLI checks first
         r = self.encoder.palette.resolution
         prefix = self.encoder.tokens(images)[:, :1 + keep_rows * r]
         seq = generate(self.encoder.gpt, prefix, r * r - keep_rows * r, temperature, top_k, generator, use_cache)

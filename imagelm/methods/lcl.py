@@ -150,8 +150,8 @@ class LCL(nn.Module):
         queries, _ = dist.gather_varying(ctx[ask])
         target, _ = dist.gather_varying((ask.nonzero().flatten() + offset).float()[:, None])
         target = target.flatten().long()
-        if len(queries) == 0:
-            return (z.sum() + ctx.sum()) * 0.0, torch.tensor(0.0)
+        if len(queries) == 0:      # nothing to predict in the whole batch; keep every parameter in the graph
+            return (z.sum() + ctx.sum() + self.logit_scale) * 0.0, torch.tensor(0.0)
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         logits = scale * queries.float() @ keys.float().T                             # (q, n_all)
         back = logits.T[target]                                                        # (q, q): each image vs contexts
@@ -173,6 +173,12 @@ class LCL(nn.Module):
             lc, acc = self.contrastive_loss(h, z, batch["boi"], valid)
             w = self.cfg.contrastive_weight if self.cfg.objective == "both" else 1.0
             loss, metrics["contrastive_loss"], metrics["contrastive_acc"] = loss + w * lc, lc.detach(), acc
+        # the ablations leave a head unused; DDP expects a gradient for every parameter, so it gets a zero one
+        unused = {"generation": [self.pool, self.z_proj, self.ctx_proj], "contrastive": [self.lm.head]}
+        for m in unused.get(self.cfg.objective, []):
+            loss = loss + 0.0 * sum(p.sum() for p in m.parameters())
+        if self.cfg.objective == "generation":
+            loss = loss + 0.0 * self.logit_scale
         return Output(loss, metrics)
 
     @torch.no_grad()
