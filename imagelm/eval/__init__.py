@@ -177,8 +177,8 @@ def image_text_eval(run: Path, cfg, test: sources.ImageData, zero_shot: bool, re
     res = {}
     if zero_shot:
         t0 = time.time()
-        res["zero_shot"] = Z.zero_shot(method, normalize(test.images, test.mean, test.std), test.labels,
-                                       test.classes, bf16)
+        names = Z.CLASSNAMES.get(cfg.eval.dataset or cfg.data.dataset, test.classes)
+        res["zero_shot"] = Z.zero_shot(method, normalize(test.images, test.mean, test.std), test.labels, names, bf16)
         log(f"  zero-shot ({len(test)} images, {res['zero_shot']['prompts']} prompts per class): "
             f"{res['zero_shot']['acc']:.4f} ({time.time() - t0:.0f}s)")
     if retrieval:

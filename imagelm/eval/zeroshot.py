@@ -13,6 +13,12 @@ PROMPTS = ["a photo of a {}.", "a blurry photo of a {}.", "a black and white pho
            "a photo of a small {}.", "a photo of a big {}.", "itap of a {}.", "a good photo of the {}."]
 
 
+# class names as prompts say them (open_clip keeps such lists per dataset): "a photo of a trouser"
+# is not how anyone captions trousers
+CLASSNAMES = {"fashion-mnist": ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt",
+                                "sneaker", "bag", "ankle boot"]}
+
+
 def _amp(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagelm import dist
-from imagelm.config import ModelConfig
+from imagelm.config import ConfigError, ModelConfig
 from imagelm.methods import Output, register
 from imagelm.methods.clip import load_or_train_tokenizer
 from imagelm.nn.gpt import TokenTransformer
@@ -57,7 +57,7 @@ class LCL(nn.Module):
         K = self.encoder.num_patches
         self.M = cfg.image_tokens or K
         if math.isqrt(self.M) ** 2 != self.M:
-            raise ValueError(f"lcl.image_tokens={cfg.image_tokens} must be a square (g x g pooled patches)")
+            raise ConfigError(f"lcl.image_tokens={cfg.image_tokens} must be a square (g x g pooled patches)")
         self.pool = AttentionPool(model.dim, math.gcd(8, model.dim))
         self.z_proj = nn.Linear(model.dim, cfg.embed_dim, bias=False)
         self.vis_proj = nn.Linear(model.dim, cfg.text_dim)
