@@ -170,7 +170,8 @@ def image_text_eval(run: Path, cfg, test: sources.ImageData, zero_shot: bool, re
 
     method = build_method(cfg)
     if not hasattr(method, "encode_text"):
-        raise ConfigError(f"method '{cfg.method}' has no text tower: --zero-shot/--retrieval need an image-text run")
+        raise ConfigError(f"method '{cfg.method}' has no text encoder in the image space (encode_text): "
+                          f"--zero-shot/--retrieval need a contrastive image-text run such as clip")
     method.load_state_dict(checkpoint.load_weights(checkpoint.latest(run / "checkpoints")))
     method.load_tokenizer(run, log=log)
     method.eval()
