@@ -97,7 +97,6 @@ def _reconstructions(method, cfg, x, g, m, s):
 
 
 def _completions(method, cfg, x, g, args):
-    import torch
     import torch.nn.functional as F
 
     pal = method.encoder.palette

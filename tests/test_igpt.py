@@ -2,8 +2,6 @@ import torch
 import torch.nn.functional as F
 
 from conftest import needs_fmnist, tiny_cfg
-from imagelm.data import sources
-from imagelm.data.transforms import normalize
 from imagelm.methods import build_method
 from imagelm.nn.gpt import TokenTransformer, generate
 from imagelm.tokenizers.palette import Palette
