@@ -58,9 +58,6 @@ def cmd_sample(args) -> int:
     method.load_state_dict(checkpoint.load_weights(ckpt))
     method.eval()
     needed = "reconstruct" if args.reconstruct else "complete"
-    if needed == "complete" and getattr(cfg.objective, "objective", "ar") != "ar":
-        raise config.ConfigError(f"--complete needs an autoregressive run; {run} was trained with "
-                                 f"{cfg.method}.objective={cfg.objective.objective}")
     if not hasattr(method, needed):
         kind = "masked image modeling" if args.reconstruct else "autoregressive pixel (igpt)"
         raise config.ConfigError(f"method '{cfg.method}' cannot {needed}: --{needed} is for {kind} runs")

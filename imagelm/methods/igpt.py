@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagelm.config import ModelConfig
+from imagelm.config import ConfigError, ModelConfig
 from imagelm.methods import Output, register
 from imagelm.nn.gpt import TokenTransformer, generate
 from imagelm.tokenizers.palette import Palette
@@ -156,7 +156,8 @@ class IGPT(nn.Module):
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Condition on the top `keep_rows` rows of pixels and sample the rest: (B, C, r, r)."""
         if self.cfg.objective != "ar":
-            raise ValueError("completions need the autoregressive model (igpt.objective=ar)")  # the CLI checks first
+            raise ConfigError(f"--complete needs an autoregressive run; this one was trained with "
+                              f"igpt.objective={self.cfg.objective}")
         r = self.encoder.palette.resolution
         prefix = self.encoder.tokens(images)[:, :1 + keep_rows * r]
         seq = generate(self.encoder.gpt, prefix, r * r - keep_rows * r, temperature, top_k, generator, use_cache)
