@@ -24,7 +24,7 @@ def cmd_eval(args) -> int:
     probes = {"all": PROBES, "none": ()}.get(args.probe, (args.probe,))
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     results = evaluate(Path(args.run), probes, args.layers, args.baselines, args.finetune, args.overrides,
-                       args.zero_shot, args.retrieval, log=log)
+                       args.zero_shot, args.retrieval, args.itm, log=log)
     if args.json:
         print(json.dumps(results))
     else:
@@ -178,6 +178,8 @@ def main(argv=None) -> int:
     s.add_argument("--probe", choices=["linear", "attentive", "knn", "all", "none"], default="all")
     s.add_argument("--zero-shot", action="store_true", help="image-text runs: zero-shot classification (prompt ensemble)")
     s.add_argument("--retrieval", action="store_true", help="image-text runs: image<->text R@1/5/10 on held-out scenes")
+    s.add_argument("--itm", action="store_true",
+                   help="fusion encoders (beit3): image-text matching, fine-tuned on scenes with hard negatives")
     s.add_argument("--layers", default="all", help="layers for the linear sweep: all, last:N or 1,3,5")
     s.add_argument("--baselines", action="store_true", help="also probe raw pixels and the random-init encoder")
     s.add_argument("--finetune", action="store_true", help="also fine-tune end to end with a classifier (eval.finetune_* "

@@ -87,6 +87,9 @@ class EvalConfig:
     finetune_batch: int = 128
     finetune_images: int = 10000   # labelled train images used (0 = all): the low-data regime by default
     finetune_gen_weight: float = 0.0   # > 0 keeps the pretraining loss (iGPT's joint objective)
+    vl_steps: int = 300           # image-text fine-tunes: retrieval of a model without a joint space (BEiT-3), ITM
+    vl_batch: int = 128
+    vl_lr: float = 3e-4
 
 
 @dataclass

@@ -357,6 +357,19 @@ def ensure_corpus(kind: str, split: str, root: str | Path | None = None, n: int 
     return _corpus(out, BUILDERS[kind](out, split, n=want_n, seed=seed, root=source_root))
 
 
+def mismatched_caption(scene: dict, classes: Sequence[str], rng: random.Random) -> str:
+    """A hard negative for a scene (its KEY.json): a caption in the same words that is wrong about
+    it: the two items swapped, or one of them said to be another class (when both items are of
+    one class a swap would still be true, so a class changes)."""
+    items = [dict(it) for it in scene["items"]]
+    if items[0]["class"] != items[1]["class"] and rng.random() < 0.5:
+        items.reverse()
+    else:
+        k = rng.randrange(2)
+        items[k]["class"] = rng.choice([c for c in classes if c not in {it["class"] for it in items}])
+    return scene_caption(items, scene["layout"], rng)
+
+
 # ----------------------------------------------------------------------------- reading back
 
 @dataclass
@@ -451,6 +464,14 @@ def load_interleaved(jsonl: str | Path, shards: str | Path | Sequence[str | Path
                 meta.append(im)
             docs.append(Document(str(d.get("doc_id", len(docs))), list(d["text_list"]), images, positions, meta))
     return InterleavedData(docs, missing)
+
+
+def document_texts(split: str, root: str | Path | None = None, n: int | None = None, seed: int = 0) -> list[str]:
+    """The text of each interleaved document (its segments in order, images left out): a text-only
+    corpus, read from the JSONL alone."""
+    c = ensure_corpus("interleaved", split, root, n, seed)
+    with open(c.jsonl) as f:
+        return [" ".join(json.loads(line)["text_list"]) for line in f if line.strip()]
 
 
 def load_corpus(kind: str, split: str, root: str | Path | None = None, n: int | None = None,

@@ -35,6 +35,7 @@ class ImageData:
     documents: list | None = None   # interleaved documents (images (N, J, C, H, W), J = most images in one)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)   # per-sample tensors the loader batches
                                     # with the images, e.g. tokenized captions (N, L), filled by a method
+    corpus: dict | None = None      # a built corpus's {"root", "n"}: where a method finds its sibling corpora
 
     def __len__(self) -> int:
         return len(self.images)
@@ -143,7 +144,7 @@ def image_text(kinds: list[str], split: str, size: int, root: str = "", n: int =
     parts = [corpora.load_corpus(k, split, root or None, n or None) for k in kinds]
     return ImageData(torch.cat([resize(p.images, size) for p in parts]), torch.cat([p.labels for p in parts]),
                      list(FASHION_MNIST_CLASSES), sum(p.skipped for p in parts),
-                     texts=[c for p in parts for c in p.captions])
+                     texts=[c for p in parts for c in p.captions], corpus={"root": root or None, "n": n or None})
 
 
 def interleaved(split: str, size: int, root: str = "", n: int = 0) -> ImageData:
@@ -166,7 +167,7 @@ def interleaved(split: str, size: int, root: str = "", n: int = 0) -> ImageData:
         for j, im in enumerate(d.images):
             images[i, j] = resize(im[None], size)[0]
     return ImageData(images, torch.full((len(docs.docs),), -1), list(FASHION_MNIST_CLASSES), docs.missing_images,
-                     documents=docs.docs)
+                     documents=docs.docs, corpus={"root": root or None, "n": n or None})
 
 
 def _read(data_cfg, model_cfg, split: str) -> ImageData:

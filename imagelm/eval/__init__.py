@@ -66,7 +66,8 @@ def run_probes(f_train: feats.Features, f_test: feats.Features, y_train, y_test,
 
 
 def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = False, finetune: bool = False,
-             overrides: list[str] = (), zero_shot: bool = False, retrieval: bool = False, log=print) -> dict:
+             overrides: list[str] = (), zero_shot: bool = False, retrieval: bool = False, itm: bool = False,
+             log=print) -> dict:
     """Probe (and optionally fine-tune) a run's latest checkpoint; `overrides` may change eval.* keys."""
     run = Path(run)
     cfg = load_run_config(run)
@@ -104,8 +105,8 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         return out, tok
 
     results = {}
-    if zero_shot or retrieval:
-        results.update(image_text_eval(run, cfg, test, zero_shot, retrieval, bf16, log))
+    if zero_shot or retrieval or itm:
+        results.update(image_text_eval(run, cfg, test, zero_shot, retrieval, itm, bf16, device, log))
     variants = [("pretrained", True)] + ([("random_init", False)] if baselines else [])
     if not probes and not finetune:
         variants, baselines = [], False
@@ -162,32 +163,64 @@ def latent_stats(method, test: sources.ImageData, bf16: bool, n: int = 5000) -> 
     return {"effective_rank": P.effective_rank(z), "dim": z.shape[1], "mean_std": z.std(0).mean().item()}
 
 
-def image_text_eval(run: Path, cfg, test: sources.ImageData, zero_shot: bool, retrieval: bool, bf16: bool,
-                    log=print) -> dict:
-    """Zero-shot accuracy on the labelled test images and retrieval on held-out scenes."""
+def image_text_eval(run: Path, cfg, test: sources.ImageData, zero_shot: bool, retrieval: bool, itm: bool, bf16: bool,
+                    device, log=print) -> dict:
+    """Zero-shot accuracy on the labelled test images, retrieval on held-out scenes, and image-text
+    matching on held-out scenes. A model with separate image and text paths but no joint space
+    (BEiT-3) gets a short contrastive fine-tune of them first; ITM fine-tunes its fusion path."""
     from imagelm.data.transforms import normalize
+    from imagelm.eval import vl
     from imagelm.eval import zeroshot as Z
 
-    method = build_method(cfg)
-    if not hasattr(method, "encode_text"):
-        raise ConfigError(f"method '{cfg.method}' has no text encoder in the image space (encode_text): "
-                          f"--zero-shot/--retrieval need a contrastive image-text run such as clip")
-    method.load_state_dict(checkpoint.load_weights(checkpoint.latest(run / "checkpoints")))
-    method.load_tokenizer(run, log=log)
-    method.eval()
-    res = {}
-    if zero_shot:
+    def load():
+        m = build_method(cfg)
+        m.load_state_dict(checkpoint.load_weights(checkpoint.latest(run / "checkpoints")))
+        if not hasattr(m, "load_tokenizer"):
+            raise ConfigError(f"method '{cfg.method}' has no text encoder: --zero-shot/--retrieval/--itm need an "
+                              f"image-text run such as clip or beit3")
+        m.load_tokenizer(run, log=log)
+        return m.to(device).eval()
+
+    res, root, n = {}, cfg.data.root or None, cfg.data.corpus_size or None
+    if zero_shot or retrieval:
+        model = load()
+        if not hasattr(model, "encode_text"):
+            if not hasattr(model, "text_features"):
+                raise ConfigError(f"method '{cfg.method}' has no text encoder in the image space: --zero-shot/"
+                                  f"--retrieval need a contrastive image-text run such as clip, or image and text "
+                                  f"paths to fine-tune (beit3)")
+            t0 = time.time()
+            pairs = sources.load(cfg.data, cfg.model, "train")
+            if pairs.texts is None:
+                raise ConfigError(f"{cfg.data.dataset} has no captions for the contrastive fine-tune")
+            pairs.mean, pairs.std = test.mean, test.std
+            model = vl.contrastive_finetune(model, pairs, cfg.data, cfg.eval, device, bf16, log)
+            res["contrastive_finetune"] = {"steps": cfg.eval.vl_steps, "seconds": round(time.time() - t0)}
+        if zero_shot:
+            t0 = time.time()
+            names = Z.CLASSNAMES.get(cfg.eval.dataset or cfg.data.dataset, test.classes)
+            res["zero_shot"] = Z.zero_shot(model, normalize(test.images, test.mean, test.std), test.labels, names,
+                                           bf16)
+            log(f"  zero-shot ({len(test)} images, {res['zero_shot']['prompts']} prompts per class): "
+                f"{res['zero_shot']['acc']:.4f} ({time.time() - t0:.0f}s)")
+        if retrieval:
+            scenes = sources.image_text(["scenes"], "test", cfg.model.img_size, cfg.data.root, cfg.data.corpus_size)
+            res["retrieval"] = Z.retrieval(model, normalize(scenes.images, test.mean, test.std), scenes.texts, bf16)
+            r = res["retrieval"]
+            log(f"  retrieval on {r['n']} held-out scenes: image->text R@1/5/10 {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/"
+                f"{r['i2t_r10']:.3f}, text->image {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f}")
+    if itm:
+        model = load()
+        if not hasattr(model, "pair_features"):
+            raise ConfigError(f"method '{cfg.method}' has no fusion encoder (pair_features): --itm needs a run "
+                              f"such as beit3")
         t0 = time.time()
-        names = Z.CLASSNAMES.get(cfg.eval.dataset or cfg.data.dataset, test.classes)
-        res["zero_shot"] = Z.zero_shot(method, normalize(test.images, test.mean, test.std), test.labels, names, bf16)
-        log(f"  zero-shot ({len(test)} images, {res['zero_shot']['prompts']} prompts per class): "
-            f"{res['zero_shot']['acc']:.4f} ({time.time() - t0:.0f}s)")
-    if retrieval:
-        scenes = sources.image_text(["scenes"], "test", cfg.model.img_size, cfg.data.root, cfg.data.corpus_size)
-        res["retrieval"] = Z.retrieval(method, normalize(scenes.images, test.mean, test.std), scenes.texts, bf16)
-        r = res["retrieval"]
-        log(f"  retrieval on {r['n']} held-out scenes: image->text R@1/5/10 {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/"
-            f"{r['i2t_r10']:.3f}, text->image {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f}")
+        classes = list(sources.FASHION_MNIST_CLASSES)
+        train_p = vl.scene_pairs("train", cfg.model.img_size, root, n, classes)
+        test_p = vl.scene_pairs("test", cfg.model.img_size, root, n, classes)
+        res["itm"] = vl.itm(model, train_p, test_p, test, cfg.data, cfg.eval, device, bf16, log)
+        log(f"  image-text matching on {res['itm']['pairs']} held-out scene pairs (half hard negatives): "
+            f"{res['itm']['acc']:.4f} ({time.time() - t0:.0f}s)")
     return res
 
 
@@ -196,6 +229,9 @@ def table(results: dict, name: str = "pretrained") -> str:
     out = rows_table([(name, results)] + [(k, results[k]) for k in ("random_init", "raw_pixels") if k in results])
     if "zero_shot" in results:
         out += f"\nzero-shot accuracy: {100 * results['zero_shot']['acc']:.2f}%"
+    if "itm" in results:
+        out += f"\nimage-text matching ({results['itm']['pairs']} held-out pairs, half hard negatives): " \
+               f"{100 * results['itm']['acc']:.2f}%"
     if "retrieval" in results:
         r = results["retrieval"]
         out += (f"\nretrieval ({r['n']} held-out scenes): image->text R@1 {100 * r['i2t_r1']:.1f}%, R@5 "

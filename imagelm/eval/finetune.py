@@ -46,24 +46,16 @@ def finetune(method: nn.Module, train: ImageData, test: ImageData, data_cfg, ecf
     batch = min(ecfg.finetune_batch, n)
     loader = BatchLoader(subset, data_cfg, batch, seed=0, noise_dim=method.noise_dim, device=device)
     total = max(1, math.ceil(ecfg.finetune_epochs * loader.steps_per_epoch))
-    sched = _Sched(lr=ecfg.finetune_lr)
-    opt = torch.optim.AdamW(param_groups(params, 0.05), lr=ecfg.finetune_lr, betas=(0.9, 0.999))
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    amp = _amp(device, bf16)
+
+    def loss_fn(b):
+        loss = F.cross_entropy(clf(b["image"]).float(), b["label"])
+        if ecfg.finetune_gen_weight:
+            loss = loss + ecfg.finetune_gen_weight * method(b).loss
+        return loss
+
     method.train()
-    for step in range(total):
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, total, sched)
-        b = loader.batch(step)
-        with amp():
-            loss = F.cross_entropy(clf(b["image"]).float(), b["label"])
-            if ecfg.finetune_gen_weight:
-                loss = loss + ecfg.finetune_gen_weight * method(b).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == total - 1:
-            log(f"  finetune step {step}/{total}: loss {loss.item():.4f}")
+    fit(params, loader, total, ecfg.finetune_lr, loss_fn, amp, log, "finetune")
     clf.eval()
     correct = 0
     with torch.inference_mode(), amp():
@@ -72,6 +64,30 @@ def finetune(method: nn.Module, train: ImageData, test: ImageData, data_cfg, ecf
             correct += (clf(x).argmax(1).cpu() == test.labels[i:i + ecfg.batch_size]).sum().item()
     return {"acc": correct / len(test), "images": n, "epochs": ecfg.finetune_epochs, "steps": total,
             "gen_weight": ecfg.finetune_gen_weight}
+
+
+def fit(params: nn.Module, loader: BatchLoader, steps: int, lr: float, loss_fn, amp, log=print,
+        what: str = "finetune") -> None:
+    """The fine-tuning loop every eval fine-tune shares: AdamW (wd 0.05 on matrices), warmup +
+    cosine, gradient clipping at 1; loss_fn(batch) -> scalar loss."""
+    sched = _Sched(lr=lr)
+    opt = torch.optim.AdamW(param_groups(params, 0.05), lr=lr, betas=(0.9, 0.999))
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, steps, sched)
+        with amp():
+            loss = loss_fn(loader.batch(step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"  {what} step {step}/{steps}: loss {loss.item():.4f}")
+
+
+def _amp(device, bf16: bool):
+    return (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 \
+        else contextlib.nullcontext
 
 
 @dataclasses.dataclass

@@ -31,4 +31,4 @@ def build_method(cfg) -> torch.nn.Module:
     return METHODS[cfg.method](cfg.model, cfg.objective)
 
 
-from imagelm.methods import aim, beit, clip, igpt, lcl, mae  # noqa: E402,F401  (registers)
+from imagelm.methods import aim, beit, beit3, clip, igpt, lcl, mae  # noqa: E402,F401  (registers)

@@ -58,6 +58,12 @@ def block_mask(grid: int, count: int, min_block: int, aspect: float, rng: random
     return mask.flatten()
 
 
+def block_masks(u: torch.Tensor, grid: int, count: int, min_block: int, aspect: float) -> torch.Tensor:
+    """One block mask per uniform number in u (B,), each seeded by it -> (B, grid * grid) 0/1."""
+    seeds = (u.double() * 2 ** 31).long().tolist()
+    return torch.stack([block_mask(grid, count, min_block, aspect, random.Random(s)) for s in seeds]).to(u.device)
+
+
 @register("beit")
 class BEiT(nn.Module):
     Config = BEiTConfig
@@ -87,9 +93,7 @@ class BEiT(nn.Module):
         if self.cfg.masking == "random":
             ranks = noise.argsort(1).argsort(1)
             return (ranks < self.count).float()
-        seeds = (noise[:, 0].double() * 2 ** 31).long().tolist()
-        return torch.stack([block_mask(self.encoder.grid, self.count, self.min_block, self.cfg.aspect,
-                                       random.Random(s)) for s in seeds]).to(noise.device)
+        return block_masks(noise[:, 0], self.encoder.grid, self.count, self.min_block, self.cfg.aspect)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.encode(images)                                  # (B, K) codes

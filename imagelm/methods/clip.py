@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from imagelm.config import ModelConfig
 from imagelm.methods import Output, register
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.vit import ViT
+from imagelm.tokenizers.text import load_or_train
 
 
 @dataclass
@@ -59,7 +59,7 @@ class CLIP(nn.Module):
         data.extras["text"] = self.tokenize(data.texts)
 
     def load_tokenizer(self, run_dir, texts: list[str] | None = None, log=print) -> None:
-        self.tokenizer = load_or_train_tokenizer(self.cfg, texts, run_dir, log)
+        self.tokenizer = load_or_train(self.cfg.tokenizer, self.cfg.text_vocab, texts, run_dir, log)
         self.eot_id = self.tokenizer.eot_id
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -79,12 +79,7 @@ class CLIP(nn.Module):
         return F.normalize(self.text_proj(h[torch.arange(len(h)), eot]), dim=-1)
 
     def loss(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Symmetric InfoNCE over the global batch (B, E) x (B, E); returns (loss, logits)."""
-        img, txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)
-        scale = self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
-        logits = scale * img.float() @ txt.float().T                                 # (Bg, Bg)
-        target = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2, logits
+        return contrastive_loss(img, txt, self.logit_scale, self.cfg.max_logit_scale)
 
     def forward(self, batch: dict) -> Output:
         loss, logits = self.loss(self.encode_image(batch["image"]), self.encode_text(batch["text"]))
@@ -92,22 +87,13 @@ class CLIP(nn.Module):
         return Output(loss, {"i2t_acc": acc, "logit_scale": self.logit_scale.detach().exp()})
 
 
-def load_or_train_tokenizer(cfg, texts: list[str] | None, run_dir: Path, log=print):
-    """The configured text tokenizer, or RUN/text_tokenizer; trained on `texts` and saved there
-    when there is none (rank 0 writes it)."""
-    from imagelm.tokenizers.text import TextTokenizer, train_text_tokenizer
-
-    path = Path(cfg.tokenizer) if cfg.tokenizer else Path(run_dir) / "text_tokenizer"
-    if (path / "tokenizer.json").exists():
-        tok = TextTokenizer.load(path)
-        log(f"text tokenizer: loaded {path} ({tok.vocab_size} tokens)")
-    else:
-        if not texts:
-            raise ValueError(f"no text tokenizer at {path} and no captions to train one on")
-        tok = train_text_tokenizer(texts, cfg.text_vocab)
-        if not dist.world_size() > 1 or torch.distributed.get_rank() == 0:
-            tok.save(path)
-        log(f"text tokenizer: trained byte-level BPE on {len(texts)} texts ({tok.vocab_size} tokens), saved to {path}")
-    if tok.vocab_size > cfg.text_vocab:
-        raise ValueError(f"text tokenizer {path} has {tok.vocab_size} tokens; the model embeds {cfg.text_vocab}")
-    return tok
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                     max_logit_scale: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE over the global batch of unit vectors (B, E) x (B, E), gathered with
+    their gradients across ranks; the temperature is exp(-logit_scale), at least 1/max_logit_scale.
+    Returns (loss, logits (Bg, Bg))."""
+    img, txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)
+    scale = logit_scale.clamp(max=math.log(max_logit_scale)).exp()
+    logits = scale * img.float() @ txt.float().T                                     # (Bg, Bg)
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2, logits

@@ -21,10 +21,10 @@ from torch import nn
 from imagelm import dist
 from imagelm.config import ConfigError, ModelConfig
 from imagelm.methods import Output, register
-from imagelm.methods.clip import load_or_train_tokenizer
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.heads import AttentionPool
 from imagelm.nn.vit import ViT
+from imagelm.tokenizers.text import load_or_train
 
 
 @dataclass
@@ -75,8 +75,8 @@ class LCL(nn.Module):
             docs = [doc_parts(d) for d in data.documents]
         else:
             docs = caption_documents(data.texts, self.cfg.caption_image_first, self.cfg.seed)
-        self.tokenizer = load_or_train_tokenizer(self.cfg, [p for d in docs for p in d if isinstance(p, str)],
-                                                 run_dir, log)
+        self.tokenizer = load_or_train(self.cfg.tokenizer, self.cfg.text_vocab,
+                                       [p for d in docs for p in d if isinstance(p, str)], run_dir, log)
         data.extras.update(self.layout(docs, data.images.shape[1] if data.images.dim() == 5 else 1))
         log(f"lcl: {len(docs)} documents, {int(data.extras['valid'].sum())} images placed in sequences of "
             f"{self.cfg.context_length} tokens ({self.M} per image)")

@@ -1,5 +1,6 @@
 """The one Transformer every method uses: pre-norm blocks, SDPA attention, full/causal/prefix
-masks, and a KV cache for autoregressive sampling."""
+masks, a KV cache for autoregressive sampling, and Multiway blocks (BEiT-3): shared attention,
+one FFN expert per modality."""
 from __future__ import annotations
 
 import contextlib
@@ -105,26 +106,58 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+# Multiway routing: the FFN expert each token goes through
+VISION, LANGUAGE, VISION_LANGUAGE = 0, 1, 2
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, bias: bool = False, eps: float = 1e-6):
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With experts > 1 it is a Multiway block: attention stays shared, and each token goes through
+    the (norm, FFN) of its route: `norm2`/`mlp` are the vision expert (so a one-expert block is
+    the plain block), `experts[0]` the language expert, `experts[1]` the vision-language one."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, bias: bool = False, eps: float = 1e-6,
+                 experts: int = 1):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps, bias=bias)
         self.attn = Attention(dim, heads, bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps, bias=bias)
         self.mlp = MLP(dim, int(dim * mlp_ratio), bias)
+        self.experts = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim, eps=eps, bias=bias),
+                                                   MLP(dim, int(dim * mlp_ratio), bias)) for _ in range(experts - 1))
 
-    def forward(self, x, mask=None, is_causal=False, cache: KVCache | None = None, layer: int = 0):
+    def ffn(self, x: torch.Tensor, route: list[int] | None) -> torch.Tensor:
+        """route: one expert id per position (shared by the batch), or None = all vision."""
+        if route is None or not any(route):
+            return self.mlp(self.norm2(x))
+        if max(route) > len(self.experts):
+            raise ValueError(f"route asks for expert {max(route)}; this block has {len(self.experts) + 1}")
+        out = None
+        for e in sorted(set(route)):
+            idx = torch.tensor([i for i, r in enumerate(route) if r == e], device=x.device)
+            h = x.index_select(1, idx)                                        # (B, n_e, D)
+            y = self.mlp(self.norm2(h)) if e == VISION else self.experts[e - 1](h)
+            out = (x.new_zeros(x.shape, dtype=y.dtype) if out is None else out).index_copy(1, idx, y)
+        return out
+
+    def forward(self, x, mask=None, is_causal=False, cache: KVCache | None = None, layer: int = 0,
+                route: list[int] | None = None):
         x = x + self.attn(self.norm1(x), mask, is_causal, cache, layer)
-        return x + self.mlp(self.norm2(x))
+        return x + self.ffn(x, route)
 
 
 class Transformer(nn.Module):
+    """multiway: every block gets a language FFN beside the vision one, and the top `vl_layers`
+    blocks also a vision-language FFN (BEiT-3)."""
+
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, bias: bool = False,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, multiway: bool = False, vl_layers: int = 0):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, bias, eps) for _ in range(depth))
+        if vl_layers and not multiway or not 0 <= vl_layers <= depth:
+            raise ValueError(f"vl_layers={vl_layers} needs a multiway Transformer with at least that many blocks")
+        experts = [1 + multiway + (i >= depth - vl_layers) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, bias, eps, e) for e in experts)
         self.norm = nn.LayerNorm(dim, eps=eps, bias=bias)
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> KVCache:
@@ -132,16 +165,29 @@ class Transformer(nn.Module):
         return KVCache(len(self.blocks), batch, attn.heads, attn.qkv.in_features // attn.heads, max_len, dtype,
                        device)
 
+    def routes(self, modality: torch.Tensor | list[int] | None, fuse: bool) -> list[list[int] | None]:
+        """Each block's expert per position: its modality (VISION/LANGUAGE), except in blocks with
+        a vision-language expert when the input is a fused image-text pair."""
+        if modality is None:
+            return [None] * len(self.blocks)
+        modality = modality.tolist() if isinstance(modality, torch.Tensor) else list(modality)
+        vl = [VISION_LANGUAGE] * len(modality)
+        return [vl if fuse and len(b.experts) == 2 else modality for b in self.blocks]
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                layers: list[int] | None = None, cache: KVCache | None = None):
+                layers: list[int] | None = None, cache: KVCache | None = None,
+                modality: torch.Tensor | list[int] | None = None, fuse: bool = False):
         """x (B, N, D) -> normed output (B, N, D); with `layers`, the list of those block outputs
         instead (0 = the input tokens, i = after block i), computed only as deep as needed.
         With `cache`, x are the next N tokens of causal sequences whose earlier tokens the cache
-        holds; their keys and values are appended to it."""
+        holds; their keys and values are appended to it. Multiway: `modality` (N,) says which
+        positions are image (VISION) or text (LANGUAGE) tokens, the same for the whole batch;
+        `fuse` marks the input as image-text pairs (the vision-language experts serve them)."""
+        routes = self.routes(modality, fuse)
         with _attention_backend(x):
             if layers is None:
                 for i, blk in enumerate(self.blocks):
-                    x = blk(x, mask, is_causal, cache, i)
+                    x = blk(x, mask, is_causal, cache, i, routes[i])
                 if cache is not None:
                     cache.len += x.shape[1]
                 return self.norm(x)
@@ -151,7 +197,7 @@ class Transformer(nn.Module):
             if 0 in want:
                 outs[0] = x
             for i, blk in enumerate(self.blocks[: max(layers)], start=1):
-                x = blk(x, mask, is_causal)
+                x = blk(x, mask, is_causal, route=routes[i - 1])
                 if i in want:
                     outs[i] = x
             return [outs[i] for i in layers]

@@ -11,7 +11,7 @@ from imagelm.nn.transformer import Transformer
 
 
 class ViT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, multiway: bool = False, vl_layers: int = 0):
         super().__init__()
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"model.img_size {cfg.img_size} is not a multiple of model.patch_size {cfg.patch_size}")
@@ -20,7 +20,8 @@ class ViT(nn.Module):
         self.num_patches = self.grid ** 2
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.dim, bias=True)
         self.register_buffer("pos_embed", sincos_2d(cfg.dim, self.grid, self.grid), persistent=False)  # (K, D)
-        self.transformer = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.bias, cfg.norm_eps)
+        self.transformer = Transformer(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.bias, cfg.norm_eps,
+                                       multiway, vl_layers)
         self.apply(_init_weights)
 
     @property
@@ -31,9 +32,11 @@ class ViT(nn.Module):
         """(B, C, H, W) -> (B, K, D) patch tokens with their positions, raster order."""
         return self.patch_embed(images) + self.pos_embed
 
-    def forward(self, tokens: torch.Tensor, mask=None, is_causal: bool = False) -> torch.Tensor:
-        """Embedded tokens (B, N, D) -> final normed tokens (B, N, D)."""
-        return self.transformer(tokens, mask, is_causal)
+    def forward(self, tokens: torch.Tensor, mask=None, is_causal: bool = False, modality=None,
+                fuse: bool = False) -> torch.Tensor:
+        """Embedded tokens (B, N, D) -> final normed tokens (B, N, D); modality/fuse route the
+        tokens of a Multiway encoder (None: all through the vision experts, the plain ViT)."""
+        return self.transformer(tokens, mask, is_causal, modality=modality, fuse=fuse)
 
     def features(self, images: torch.Tensor, layers: list[int] | None = None) -> list[torch.Tensor]:
         """Per-layer patch features for downstream use, bidirectional attention.

@@ -99,3 +99,24 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequ
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return TextTokenizer(tok)
+
+
+def load_or_train(path: str, vocab: int, texts: list[str] | None, run_dir: str | Path, log=print) -> TextTokenizer:
+    """The saved tokenizer at `path`, or RUN/text_tokenizer when path is ""; trained on `texts`
+    and saved there when there is none (rank 0 writes it)."""
+    from imagelm import dist
+
+    where = Path(path) if path else Path(run_dir) / "text_tokenizer"
+    if (where / "tokenizer.json").exists():
+        tok = TextTokenizer.load(where)
+        log(f"text tokenizer: loaded {where} ({tok.vocab_size} tokens)")
+    else:
+        if not texts:
+            raise ValueError(f"no text tokenizer at {where} and no text to train one on")
+        tok = train_text_tokenizer(texts, vocab)
+        if not dist.world_size() > 1 or torch.distributed.get_rank() == 0:
+            tok.save(where)
+        log(f"text tokenizer: trained byte-level BPE on {len(texts)} texts ({tok.vocab_size} tokens), saved to {where}")
+    if tok.vocab_size > vocab:
+        raise ValueError(f"text tokenizer {where} has {tok.vocab_size} tokens; the model embeds {vocab}")
+    return tok
