@@ -193,6 +193,7 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
         torch.manual_seed(0)
         variant = type(method)(cfg.model, dataclasses.replace(cfg.objective, **changes)).to(device)
         res[key] = time_steps(variant, batches, steps, bf16, device) / sec
+        res[key.replace("_speedup", "_flop_ratio")] = step_flops(variant, batches[0]) / flops   # the ideal speedup
     if hasattr(method, "benchmarks"):    # measurements only that method has (e.g. iGPT's KV cache)
         res.update(method.benchmarks(cfg, device))
     res.update(timm_img_per_s=None, ratio_vs_timm=None)
@@ -221,7 +222,8 @@ def report(res: dict) -> str:
              f"feature extraction: {res['features_img_per_s']:.0f} img/s; data pipeline "
              f"{1000 * res['data_s_per_batch']:.0f} ms/batch"]
     for key in [k for k in res if k.endswith("_speedup")]:
-        lines.append(f"{key}: {res[key]:.2f}x")
+        ideal = res.get(key.replace("_speedup", "_flop_ratio"))
+        lines.append(f"{key}: {res[key]:.2f}x" + (f" (FLOP ratio {ideal:.2f}x)" if ideal else ""))
     lines += res.get("notes", [])
     if res.get("timm_img_per_s"):
         lines.append(f"timm VisionTransformer, same shape/head/loss: {res['timm_img_per_s']:.0f} img/s, "
