@@ -23,6 +23,9 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+REFIT = 100     # steps between refits of the schedule to a --minutes budget
+
+
 def lr_at(step: int, total: int, cfg) -> float:
     """Linear warmup over cfg.warmup of the steps, then cosine to cfg.min_lr."""
     warm = max(1, round(cfg.warmup * total))
@@ -77,6 +80,7 @@ class Trainer:
             else contextlib.nullcontext
         self.precision = "bf16" if use_bf16 else "fp32"
         self.step, self.total = 0, t.steps or max(1, round(t.epochs * self.loader.steps_per_epoch))
+        self.planned = self.total    # what the config asks; --minutes fits the total below it
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.model = DDP(self.method) if self.world > 1 else self.method
@@ -157,7 +161,7 @@ class Trainer:
         """Under --minutes: shorten the schedule to the steps that fit the time left, so the cosine
         decay ends when the budget does (measured on real steps; the total is saved with the run)."""
         fits = int(dist.mean(torch.tensor((deadline - time.time()) / per_step)).item())
-        self.total = max(self.step + 1, min(self.total, self.step + fits))
+        self.total = max(self.step + 1, min(self.planned, self.step + fits))
 
     def fit(self, until: int | None = None) -> Path | None:
         """Train to the end of the schedule, or until the time budget or step `until` (an
@@ -174,21 +178,24 @@ class Trainer:
             print(f"{self.cfg.method}: {sum(p.numel() for p in self.method.parameters()) / 1e6:.2f}M params, "
                   f"{self.total} steps of {self.cfg.train.batch_size} images "
                   f"({self.total / self.loader.steps_per_epoch:.2f} epochs), {self.world} rank(s), {self.precision}"
-                  + (" (the steps are fitted to --minutes after step 20)" if deadline and self.step == 0 else ""))
+                  + (" (the steps are fitted to --minutes from step 20 on)" if deadline and self.step == 0 else ""))
         self.method.train()
         imgs, tick = 0, time.time()
         # under --minutes the schedule is fitted to the budget from the speed of steps 5-20 (the
-        # first steps pay for allocation); warmup runs meanwhile, so the fit changes little
-        timed = (5, 20) if deadline and self.step == 0 else None
+        # first steps pay for allocation), then refitted every REFIT steps from the speed of the
+        # last REFIT: steps can slow down as a run goes on, and a schedule that outlives the budget
+        # stops before its learning rate has decayed
+        fitting = bool(deadline) and self.step == 0
+        mark = (self.step, time.time())
         try:
             while self.step < min(self.total, until or self.total):
-                if timed and self.step == timed[0]:
-                    t_first = time.time()
-                if timed and self.step == timed[1]:
-                    self._fit_total(deadline, (time.time() - t_first) / (timed[1] - timed[0]))
-                    if bar is not None:
-                        bar.total = self.total
-                        bar.refresh()
+                if fitting and (self.step == 5 or self.step == 20 or (self.step > 20 and self.step % REFIT == 0)):
+                    if self.step > 5:
+                        self._fit_total(deadline, (time.time() - mark[1]) / (self.step - mark[0]))
+                        if bar is not None:
+                            bar.total = self.total
+                            bar.refresh()
+                    mark = (self.step, time.time())
                 stop = deadline is not None and time.time() > deadline
                 if self.world > 1:   # every rank stops at the same step
                     stop = bool(dist.mean(torch.tensor(float(stop))).item() > 0)
