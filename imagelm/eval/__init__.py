@@ -227,11 +227,6 @@ def image_text_eval(run: Path, cfg, test: sources.ImageData, zero_shot: bool, re
 def table(results: dict, name: str = "pretrained") -> str:
     """The printed comparison for one run: its encoder, then any baselines."""
     out = rows_table([(name, results)] + [(k, results[k]) for k in ("random_init", "raw_pixels") if k in results])
-    if "zero_shot" in results:
-        out += f"\nzero-shot accuracy: {100 * results['zero_shot']['acc']:.2f}%"
-    if "itm" in results:
-        out += f"\nimage-text matching ({results['itm']['pairs']} held-out pairs, half hard negatives): " \
-               f"{100 * results['itm']['acc']:.2f}%"
     if "retrieval" in results:
         r = results["retrieval"]
         out += (f"\nretrieval ({r['n']} held-out scenes): image->text R@1 {100 * r['i2t_r1']:.1f}%, R@5 "
@@ -255,15 +250,23 @@ def compare(runs: list[Path]) -> str:
     return rows_table(rows + base)
 
 
+# image-text columns, shown when some run has them: (title, section, key)
+IMAGE_TEXT_COLUMNS = [("zero-shot", "zero_shot", "acc"), ("i2t R@1", "retrieval", "i2t_r1"),
+                      ("t2i R@1", "retrieval", "t2i_r1"), ("itm", "itm", "acc")]
+
+
 def rows_table(rows: list[tuple[str, dict]]) -> str:
     cols = [p for p in (*PROBES, "finetune") if any(p in r for _, r in rows)]
+    extra = [c for c in IMAGE_TEXT_COLUMNS if any(c[1] in r for _, r in rows)]
     width = max(12, *(len(n) + 2 for n, _ in rows))
-    lines = [f"{'encoder':<{width}}" + "".join(f"{c:>22}" for c in cols)]
+    lines = [f"{'encoder':<{width}}" + "".join(f"{c:>22}" for c in cols) + "".join(f"{c[0]:>11}" for c in extra)]
     for name, r in rows:
         cells = []
         for c in cols:
             e = r.get(c)
             where = f" (layer {e['layer']})" if e and "layer" in e and name != "raw_pixels" else ""
             cells.append(("-" if not e else f"{100 * e['acc']:.2f}%") + where)
-        lines.append(f"{name:<{width}}" + "".join(f"{c:>22}" for c in cells))
+        cells = [f"{c:>22}" for c in cells] + [f"{100 * r[sec][key]:.2f}%".rjust(11) if sec in r else f"{'-':>11}"
+                                                for _, sec, key in extra]
+        lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
