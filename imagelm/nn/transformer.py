@@ -129,12 +129,14 @@ class Block(nn.Module):
 
     def ffn(self, x: torch.Tensor, route: list[int] | None) -> torch.Tensor:
         """route: one expert id per position (shared by the batch), or None = all vision."""
-        if route is None or not any(route):
-            return self.mlp(self.norm2(x))
-        if max(route) > len(self.experts):
-            raise ValueError(f"route asks for expert {max(route)}; this block has {len(self.experts) + 1}")
+        kinds = {VISION} if route is None else set(route)
+        if max(kinds) > len(self.experts):
+            raise ValueError(f"route asks for expert {max(kinds)}; this block has {len(self.experts) + 1}")
+        if len(kinds) == 1:      # one modality: no gather/scatter
+            e = kinds.pop()
+            return self.mlp(self.norm2(x)) if e == VISION else self.experts[e - 1](x)
         out = None
-        for e in sorted(set(route)):
+        for e in sorted(kinds):
             idx = torch.tensor([i for i, r in enumerate(route) if r == e], device=x.device)
             h = x.index_select(1, idx)                                        # (B, n_e, D)
             y = self.mlp(self.norm2(h)) if e == VISION else self.experts[e - 1](h)
