@@ -103,3 +103,13 @@ def test_loss_falls_on_real_fashion_mnist(tmp_path):
     ls = losses(tmp_path)
     assert all(math.isfinite(l) for l in ls)
     assert sum(ls[-10:]) / 10 < 0.8 * sum(ls[:5]) / 5
+
+
+def test_minutes_refit_can_shrink_and_regrow_the_schedule_up_to_the_config(tmp_path):
+    import time
+    tr = Trainer(tiny_cfg("train.steps=100"), tmp_path, minutes=5, progress=False)
+    tr.step = 30
+    tr._fit_total(time.time() + 20, per_step=1.0)        # 20 s left at 1 s/step: 30 + ~20
+    assert 45 <= tr.total <= 50
+    tr._fit_total(time.time() + 1000, per_step=1.0)      # steps got faster: back up, but not past the config
+    assert tr.total == 100
