@@ -84,6 +84,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         probe_data = dataclasses.replace(cfg.data, dataset=cfg.eval.dataset, root="", resize=True)
     train = sources.load(probe_data, cfg.model, "train")
     test = sources.load(probe_data, cfg.model, "test", train)
+    ref = train    # the training data: its statistics standardise the probe images
     if cfg.eval.dataset:   # the encoder sees inputs standardised as in training
         ref = sources.load(cfg.data, cfg.model, "train")
         for d in (train, test):
@@ -106,7 +107,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
 
     results = {}
     if zero_shot or retrieval or itm:
-        results.update(image_text_eval(run, cfg, test, zero_shot, retrieval, itm, bf16, device, log))
+        results.update(image_text_eval(run, cfg, ref, test, zero_shot, retrieval, itm, bf16, device, log))
     variants = [("pretrained", True)] + ([("random_init", False)] if baselines else [])
     if not probes and not finetune:
         variants, baselines = [], False
@@ -163,10 +164,10 @@ def latent_stats(method, test: sources.ImageData, bf16: bool, n: int = 5000) -> 
     return {"effective_rank": P.effective_rank(z), "dim": z.shape[1], "mean_std": z.std(0).mean().item()}
 
 
-def image_text_eval(run: Path, cfg, test: sources.ImageData, zero_shot: bool, retrieval: bool, itm: bool, bf16: bool,
-                    device, log=print) -> dict:
+def image_text_eval(run: Path, cfg, pairs: sources.ImageData, test: sources.ImageData, zero_shot: bool,
+                    retrieval: bool, itm: bool, bf16: bool, device, log=print) -> dict:
     """Zero-shot accuracy on the labelled test images, retrieval on held-out scenes, and image-text
-    matching on held-out scenes. A model with separate image and text paths but no joint space
+    matching on held-out scenes; `pairs` is the run's training data. A model with separate image and text paths but no joint space
     (BEiT-3) gets a short contrastive fine-tune of them first; ITM fine-tunes its fusion path."""
     from imagelm.data.transforms import normalize
     from imagelm.eval import vl
@@ -190,10 +191,8 @@ def image_text_eval(run: Path, cfg, test: sources.ImageData, zero_shot: bool, re
                                   f"--retrieval need a contrastive image-text run such as clip, or image and text "
                                   f"paths to fine-tune (beit3)")
             t0 = time.time()
-            pairs = sources.load(cfg.data, cfg.model, "train")
             if pairs.texts is None:
                 raise ConfigError(f"{cfg.data.dataset} has no captions for the contrastive fine-tune")
-            pairs.mean, pairs.std = test.mean, test.std
             model = vl.contrastive_finetune(model, pairs, cfg.data, cfg.eval, device, bf16, log)
             res["contrastive_finetune"] = {"steps": cfg.eval.vl_steps, "seconds": round(time.time() - t0)}
         if zero_shot:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -50,7 +51,7 @@ def contrastive_finetune(method: nn.Module, pairs: ImageData, data_cfg, ecfg, de
     torch.manual_seed(0)
     dim = method.image_features(normalize(pairs.images[:1], pairs.mean, pairs.std).to(device)).shape[-1]
     model = TwoTower(method, dim).to(device)
-    data = _with_text(pairs, {"text": method.tokenize(pairs.texts)})
+    data = dataclasses.replace(pairs, extras={"text": method.tokenize(pairs.texts)})
     loader = BatchLoader(data, data_cfg, min(ecfg.vl_batch, len(data)), seed=0, device=device)
     model.train()
     fit(model, loader, ecfg.vl_steps, ecfg.vl_lr, model, _amp(device, bf16), log, "contrastive fine-tune")
@@ -108,6 +109,3 @@ def itm(method: nn.Module, train: tuple, test: tuple, stats: ImageData, data_cfg
             right += (model(x, neg[i:i + len(x)].to(device)).argmax(1) == 0).sum().item()
     return {"acc": right / (2 * len(images)), "pairs": 2 * len(images), "steps": ecfg.vl_steps}
 
-
-def _with_text(data: ImageData, extras: dict) -> ImageData:
-    return ImageData(data.images, data.labels, data.classes, mean=data.mean, std=data.std, extras=extras)
