@@ -101,4 +101,6 @@ def test_clip_trains_on_built_corpora_and_evaluates_zero_shot_and_retrieval(tmp_
     assert main(["eval", str(tmp_path / "run"), "--probe", "none", "--zero-shot", "--retrieval", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert 0 <= res["zero_shot"]["acc"] <= 1 and res["retrieval"]["n"] == 64
+    per_class = res["zero_shot"]["per_class"]     # recall of each class; their mean is the balanced accuracy
+    assert len(per_class) == 10 and all(0 <= v <= 1 for v in per_class.values())
     assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"} <= set(res["retrieval"])

@@ -45,7 +45,8 @@ def class_embeddings(model, classes: list[str], prompts=PROMPTS, bf16: bool = Tr
 def zero_shot(model, images: torch.Tensor, labels: torch.Tensor, classes: list[str], bf16: bool = True) -> dict:
     """images are standardised (N, C, H, W)."""
     pred = (embed_images(model, images, bf16=bf16) @ class_embeddings(model, classes, bf16=bf16).T).argmax(1)
-    return {"acc": (pred == labels).float().mean().item(), "prompts": len(PROMPTS)}
+    per_class = {c: (pred[labels == k] == k).float().mean().item() for k, c in enumerate(classes) if (labels == k).any()}
+    return {"acc": (pred == labels).float().mean().item(), "prompts": len(PROMPTS), "per_class": per_class}
 
 
 def recall_at(sim: torch.Tensor, ks=(1, 5, 10)) -> dict[int, float]:
