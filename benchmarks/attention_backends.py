@@ -1,31 +1,52 @@
 """Why imagelm's Transformer asks SDPA for its math backend when training short sequences on CPU:
-forward + backward time of causal SDPA with the flash kernel vs the math path, bf16, at the
-sequence lengths of aim-tiny (49), a 14x14 grid (196) and iGPT's 28x28 pixels (784).
+the math path vs the flash kernel, forward + backward under bf16 autocast, at the shapes imagelm
+trains. `nn/transformer.py` trains on the math path up to CPU_MATH_ATTENTION_MAX_LEN tokens and on
+flash above it; this prints where the crossover lies on this machine.
 
-    .venv/bin/python benchmarks/attention_backends.py
+    .venv/bin/python benchmarks/attention_backends.py          # ~30 s on 2 cores
 """
-import statistics
+from __future__ import annotations
+
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from imagelm.nn.transformer import CPU_MATH_ATTENTION_MAX_LEN
 
-def fwd_bwd_ms(backend, q, k, v, mask, reps=5) -> float:
+SHAPES = [  # (batch, heads, tokens, head dim, causal, what trains at this shape)
+    (256, 3, 49, 64, False, "ViT 192x6 at 49 patches (aim/mae/clip-tiny)"),
+    (64, 2, 32, 64, True, "clip-tiny text tower"),
+    (32, 2, 160, 64, True, "lcl-tiny document model"),
+    (64, 2, 160, 64, True, "lcl-tiny document model, batch 64"),
+    (128, 3, 196, 64, True, "igpt-tiny, 14x14 pixels"),
+    (16, 4, 784, 32, True, "iGPT at 28x28 pixels"),
+]
+
+
+def step_ms(backend: SDPBackend, B: int, h: int, N: int, d: int, causal: bool, reps: int = 7) -> float:
+    """Median milliseconds of one forward + backward."""
+    q, k, v = (torch.randn(B, h, N, d, requires_grad=True) for _ in range(3))
     times = []
-    with sdpa_kernel([backend]):
-        for i in range(reps + 1):
-            t0 = time.perf_counter()
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
-            if i:
-                times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    for _ in range(reps):
+        t = time.perf_counter()
+        with sdpa_kernel([backend]), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out.float().sum().backward()
+        times.append(time.perf_counter() - t)
+    return 1000 * sorted(times[1:])[len(times[1:]) // 2]
 
 
-for B, heads, N, d in [(256, 3, 49, 64), (64, 3, 196, 64), (16, 4, 784, 32)]:
-    q, k, v = (torch.randn(B, heads, N, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    i = torch.arange(N)
-    mask = (i[None] <= i[:, None])[None, None].expand(B, 1, N, N)
-    flash, math_ = (fwd_bwd_ms(b, q, k, v, mask) for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH))
-    print(f"N={N:4d} batch {B:3d}: flash {flash:6.1f} ms, math {math_:6.1f} ms, flash/math = {flash / math_:.2f}x")
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"training uses math up to {CPU_MATH_ATTENTION_MAX_LEN} tokens, flash above")
+    print(f"{'B':>4}{'heads':>6}{'tokens':>7}{'causal':>7}{'math ms':>9}{'flash ms':>10}{'flash/math':>11}  shape of")
+    for B, h, N, d, causal, what in SHAPES:
+        math_ms = step_ms(SDPBackend.MATH, B, h, N, d, causal)
+        flash_ms = step_ms(SDPBackend.FLASH_ATTENTION, B, h, N, d, causal)
+        print(f"{B:>4}{h:>6}{N:>7}{causal!s:>7}{math_ms:>9.1f}{flash_ms:>10.1f}{flash_ms / math_ms:>10.2f}x  {what}")
+
+
+if __name__ == "__main__":
+    main()

@@ -62,13 +62,22 @@ def test_contrastive_target_uses_only_tokens_before_the_image():
 
 
 def test_every_document_shape_trains_and_each_objective_runs():
-    for objective in ("both", "contrastive", "generation"):
-        m = _model(f"lcl.objective={objective}")
+    for objective, pool in [("both", "attention"), ("contrastive", "attention"), ("generation", "attention"),
+                            ("both", "mean"), ("generation", "mean")]:
+        m = _model(f"lcl.objective={objective}", f"lcl.pool={pool}")
         out = m(_batch(m))
         out.loss.backward()
         assert torch.isfinite(out.loss)
         assert m.encoder.patch_embed.proj.weight.grad.abs().sum() > 0   # the vision encoder learns
         assert all(p.grad is not None for p in m.parameters())          # DDP needs every gradient
+        assert (m.pool is None) == (pool == "mean")
+
+
+def test_mean_pooled_latent_is_the_projected_mean_of_the_patch_tokens():
+    m = _model("lcl.pool=mean").eval()
+    x = torch.randn(3, 1, 8, 8)
+    h = m.encoder(m.encoder.embed(x))
+    assert torch.allclose(m.encode(x)[0], torch.nn.functional.normalize(m.z_proj(h.mean(1)), dim=-1), atol=1e-6)
 
 
 def _worker(rank, world, port, out):

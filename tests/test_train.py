@@ -64,8 +64,8 @@ def test_minutes_budget_stops_cleanly_with_a_checkpoint(tmp_path):
     tr.fit()
     last = checkpoint.latest(tmp_path / "checkpoints")
     state = checkpoint.load_state(last)
-    assert state["total"] < 100000              # the schedule was fitted to the budget
-    assert 20 < state["step"] <= state["total"]
+    assert state["total"] < 100000              # the schedule was fitted to the budget (first at step 5)
+    assert 5 < state["step"] <= state["total"]  # not 20: on a loaded machine 9 s may hold fewer steps
 
 
 def test_trainer_state_is_never_unpickled(tmp_path):

@@ -33,6 +33,7 @@ class LCLConfig:
     text_weight: float = 1.0
     contrastive_weight: float = 0.1
     embed_dim: int = 256         # the latent z and the <boi> prediction
+    pool: Literal["attention", "mean"] = "attention"   # how z_k summarises the patch tokens (paper: attention)
     image_tokens: int = 0        # visual tokens per image in the sequence (0 = every patch; else g*g pooled)
     context_length: int = 2048   # document tokens, images included
     text_vocab: int = 32000
@@ -58,7 +59,7 @@ class LCL(nn.Module):
         self.M = cfg.image_tokens or K
         if math.isqrt(self.M) ** 2 != self.M:
             raise ConfigError(f"lcl.image_tokens={cfg.image_tokens} must be a square (g x g pooled patches)")
-        self.pool = AttentionPool(model.dim, math.gcd(8, model.dim))
+        self.pool = AttentionPool(model.dim, math.gcd(8, model.dim)) if cfg.pool == "attention" else None
         self.z_proj = nn.Linear(model.dim, cfg.embed_dim, bias=False)
         self.vis_proj = nn.Linear(model.dim, cfg.text_dim)
         self.lm = TokenTransformer(cfg.text_vocab, cfg.context_length, cfg.text_dim, cfg.text_depth, cfg.text_heads,
@@ -110,7 +111,7 @@ class LCL(nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, C, H, W) -> latents z (n, E), unit norm, and visual tokens for the sequence (n, M, Dt)."""
         h = self.encoder(self.encoder.embed(images))                                   # (n, K, D)
-        z = F.normalize(self.z_proj(self.pool(h)), dim=-1)
+        z = F.normalize(self.z_proj(self.pool(h) if self.pool is not None else h.mean(1)), dim=-1)
         if self.M != h.shape[1]:
             g, G = math.isqrt(self.M), self.encoder.grid
             grid = h.transpose(1, 2).reshape(len(h), -1, G, G)
@@ -174,7 +175,8 @@ class LCL(nn.Module):
             w = self.cfg.contrastive_weight if self.cfg.objective == "both" else 1.0
             loss, metrics["contrastive_loss"], metrics["contrastive_acc"] = loss + w * lc, lc.detach(), acc
         # the ablations leave a head unused; DDP expects a gradient for every parameter, so it gets a zero one
-        unused = {"generation": [self.pool, self.z_proj, self.ctx_proj], "contrastive": [self.lm.head]}
+        unused = {"generation": [m for m in (self.pool, self.z_proj, self.ctx_proj) if m is not None],
+                  "contrastive": [self.lm.head]}
         for m in unused.get(self.cfg.objective, []):
             loss = loss + 0.0 * sum(p.sum() for p in m.parameters())
         if self.cfg.objective == "generation":

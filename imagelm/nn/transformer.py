@@ -13,10 +13,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MaskMode = Literal["full", "causal", "prefix"]
 
-# When training on short sequences the CPU flash kernel loses to SDPA's math path (its backward
-# is ~2.7x slower at 49 tokens on an AVX-512 CPU); from ~150 tokens on, flash wins and avoids
-# materialising the N x N scores. Inference keeps flash.
-CPU_MATH_ATTENTION_MAX_LEN = 128
+# When training on short sequences the CPU flash kernel loses to SDPA's math path (forward +
+# backward 2-3x slower at 49 tokens on an AVX-512 CPU, ~1.4x at 160 causal tokens); at 196 tokens
+# flash wins and avoids materialising the N x N scores (benchmarks/attention_backends.py).
+# Inference keeps flash.
+CPU_MATH_ATTENTION_MAX_LEN = 160
 
 
 def _attention_backend(x: torch.Tensor):
