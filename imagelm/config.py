@@ -71,7 +71,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 1024      # feature extraction (inference mode, bf16)
+    batch_size: int = 1024      # feature extraction (inference mode, bf16; on CPU in chunks of ~4096 tokens)
     linear_epochs: int = 30
     linear_wd: tuple[float, ...] = (0.0, 1e-4, 1e-3)   # swept on a held-out split of train
     attentive_layers: str = "last:6"   # blocks averaged for the attentive probe: "last:N" or "1,2,3" (AIM: last 6)
