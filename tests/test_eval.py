@@ -45,7 +45,7 @@ def test_parse_layers():
         parse_layers("7", 6)
 
 
-def test_features_are_per_layer_means_and_token_bands(tiny):
+def test_features_are_per_layer_means_and_token_bands(tiny, monkeypatch):
     from imagelm.methods import build_method
     data = sources.load(tiny().data, tiny().model, "test")
     enc = build_method(tiny()).encoder
@@ -55,13 +55,8 @@ def test_features_are_per_layer_means_and_token_bands(tiny):
     l1, l2 = enc.features(x, [1, 2])
     assert torch.allclose(f.pooled[2][:3], l2.mean(1), atol=1e-5)
     assert torch.allclose(f.tokens[:3].float(), (l1 + l2) / 2, atol=3e-2)   # stored in bf16
-    from imagelm.eval import features
-    big = features.CPU_CHUNK_TOKENS
-    try:                                             # 2 images a chunk (16 tokens each) gives the same features
-        features.CPU_CHUNK_TOKENS = 32
-        g = extract(enc, data, [0, 2], [1, 2], batch_size=100, bf16=False)
-    finally:
-        features.CPU_CHUNK_TOKENS = big
+    monkeypatch.setattr("imagelm.eval.features.CPU_CHUNK_TOKENS", 32)   # 2 images (16 tokens each) a chunk
+    g = extract(enc, data, [0, 2], [1, 2], batch_size=100, bf16=False)
     assert torch.allclose(f.pooled[2], g.pooled[2], atol=1e-5) and torch.equal(f.tokens, g.tokens)
     raw = raw_pixels(data, 2)
     assert raw.pooled[0].shape == (256, 64) and raw.tokens.shape == (256, 16, 4 + 16)

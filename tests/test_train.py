@@ -60,12 +60,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_minutes_budget_stops_cleanly_with_a_checkpoint(tmp_path):
-    tr = Trainer(tiny_cfg("train.steps=100000", "train.ckpt_every=100000"), tmp_path, minutes=0.15, progress=False)
+    tr = Trainer(tiny_cfg("train.steps=100000", "train.ckpt_every=100000"), tmp_path, minutes=0.3, progress=False)
     tr.fit()
     last = checkpoint.latest(tmp_path / "checkpoints")
     state = checkpoint.load_state(last)
-    assert state["total"] < 100000              # the schedule was fitted to the budget (first at step 5)
-    assert 5 < state["step"] <= state["total"]  # not 20: on a loaded machine 9 s may hold fewer steps
+    assert state["total"] < 100000              # the schedule was fitted to the budget
+    assert 20 < state["step"] <= state["total"]  # 18 s: room for 20 steps on a loaded machine too
 
 
 def test_trainer_state_is_never_unpickled(tmp_path):

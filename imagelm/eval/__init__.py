@@ -167,8 +167,9 @@ def latent_stats(method, test: sources.ImageData, bf16: bool, n: int = 5000) -> 
 def image_text_eval(run: Path, cfg, pairs: sources.ImageData, test: sources.ImageData, zero_shot: bool,
                     retrieval: bool, itm: bool, bf16: bool, device, log=print) -> dict:
     """Zero-shot accuracy on the labelled test images, retrieval on held-out scenes, and image-text
-    matching on held-out scenes; `pairs` is the run's training data. A model with separate image and text paths but no joint space
-    (BEiT-3) gets a short contrastive fine-tune of them first; ITM fine-tunes its fusion path."""
+    matching on held-out scenes; `pairs` is the run's training data. A model with separate image
+    and text paths but no joint space (BEiT-3) gets a short contrastive fine-tune of them first, on
+    `pairs`; ITM fine-tunes its fusion path."""
     from imagelm.data.transforms import normalize
     from imagelm.eval import vl
     from imagelm.eval import zeroshot as Z
