@@ -174,7 +174,10 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
            "peak_matmul_gflops_fp32": matmul_peak(torch.float32, device)}
     res["peak_matmul_gflops"] = matmul_peak(torch.bfloat16, device) if bf16 else res["peak_matmul_gflops_fp32"]
     flops = step_flops(method, batches[0])
-    sec = time_steps(method, batches, steps, bf16, device)
+    # train.compile=true times the torch.compile'd step, as the trainer would run it (FLOPs: eager)
+    compiled = torch.compile if cfg.train.compile else (lambda m: m)
+    res["compiled"] = cfg.train.compile
+    sec = time_steps(compiled(method), batches, steps, bf16, device)
     res.update(img_per_s=batch_size / sec, step_s=sec, data_s_per_batch=data_s, flops_per_img=flops / batch_size,
                achieved_gflops=flops / sec / 1e9)
     res["mfu"] = res["achieved_gflops"] / res["peak_matmul_gflops"]
@@ -192,7 +195,7 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     for key, changes in getattr(method.Config, "BENCH_ABLATIONS", {}).items():
         torch.manual_seed(0)
         variant = type(method)(cfg.model, dataclasses.replace(cfg.objective, **changes)).to(device)
-        res[key] = time_steps(variant, batches, steps, bf16, device) / sec
+        res[key] = time_steps(compiled(variant), batches, steps, bf16, device) / sec
         res[key.replace("_speedup", "_flop_ratio")] = step_flops(variant, batches[0]) / flops   # the ideal speedup
     if hasattr(method, "benchmarks"):    # measurements only that method has (e.g. iGPT's KV cache)
         res.update(method.benchmarks(cfg, device))
