@@ -41,6 +41,7 @@ def _worker(rank, world, port, out):
         loss.backward()
         if rank == 0:
             torch.save({"loss": loss.detach(), "grads": {k: p.grad for k, p in model.module.named_parameters()}}, out)
+        torch.distributed.barrier()    # a rank that tears gloo down while the other still works can abort it
     finally:
         torch.distributed.destroy_process_group()
 

@@ -93,6 +93,7 @@ def _worker(rank, world, port, out):
         loss.backward()
         torch.save({"loss": loss.detach(), "grads": {k: p.grad for k, p in m.named_parameters()
                                                      if p.grad is not None}}, f"{out}.{rank}")
+        torch.distributed.barrier()    # a rank that tears gloo down while the other still works can abort it
     finally:
         torch.distributed.destroy_process_group()
 
