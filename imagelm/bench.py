@@ -217,7 +217,8 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
 
 
 def report(res: dict) -> str:
-    lines = [f"device {res['device']} ({res['precision']}), torch {res['torch']}, batch {res['batch_size']}",
+    lines = [f"device {res['device']} ({res['precision']}{', compiled' if res.get('compiled') else ''}), "
+             f"torch {res['torch']}, batch {res['batch_size']}",
              f"matmul peak: {res['peak_matmul_gflops_fp32']:.0f} GFLOP/s fp32, {res['peak_matmul_gflops']:.0f} "
              f"GFLOP/s {res['precision']}",
              f"imagelm {res['recipe_method']}: {res['img_per_s']:.0f} img/s, {res['achieved_gflops']:.0f} GFLOP/s, "
