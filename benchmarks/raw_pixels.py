@@ -24,8 +24,8 @@ def main() -> None:
     train = sources.load(cfg.data, cfg.model, "train")
     test = sources.load(cfg.data, cfg.model, "test", train=train)
     for r in args.sizes:
-        pixels = lambda d: F.adaptive_avg_pool2d(d.images.float(), r).flatten(1)   # noqa: E731
-        res = linear_probe(pixels(train), train.labels, pixels(test), test.labels, 10)
+        x_train, x_test = (F.adaptive_avg_pool2d(d.images.float(), r).flatten(1) for d in (train, test))
+        res = linear_probe(x_train, train.labels, x_test, test.labels, 10)
         print(f"raw pixels at {r:2d} px: linear {100 * res['acc']:.2f}% (weight decay {res['wd']:g})", flush=True)
 
 
