@@ -95,6 +95,16 @@ def test_features_api_and_completion_keeps_the_top_rows():
     x = torch.randn(2, 1, 8, 8)
     feats = m.encoder.features(x, [0, 1, 2])
     assert [f.shape for f in feats] == [(2, 64, 32)] * 3         # AR: SOS, x_1..x_{N-1}
+    # iGPT's features are layer-normed per token (n^l = layer_norm(h^l)): at init (unit LN
+    # weights) each token has mean 0 and variance 1, and scaling the embeddings changes nothing
+    for f in feats:
+        assert torch.allclose(f.mean(-1), torch.zeros(2, 64), atol=1e-4)
+        assert torch.allclose(f.var(-1, unbiased=False), torch.ones(2, 64), atol=1e-2)
+    gpt = m.encoder.gpt
+    with torch.no_grad():
+        gpt.tok_embed.weight.mul_(10)
+        gpt.pos_embed.mul_(10)
+    assert torch.allclose(m.encoder.features(x, [0])[0], feats[0], atol=1e-2)      # up to LN eps
     out = m.complete(x, keep_rows=4, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 1, 8, 8)
     kept = m.encoder.palette.dequantize(m.encoder.palette.quantize(x))

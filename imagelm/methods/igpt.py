@@ -54,14 +54,20 @@ class PixelGPT(nn.Module):
         return torch.cat([torch.full_like(t[:, :1], self.sos), t], dim=1)
 
     def features(self, images: torch.Tensor, layers: list[int] | None = None) -> list[torch.Tensor]:
-        """Per-layer token features, in the attention pattern the model was trained with: AR sees
-        what it was trained on, SOS x_1..x_{N-1} (B, N, D), as openai/image-gpt pools; BERT sees
-        SOS x_1..x_N (B, 1 + N, D), nothing masked. Pooling is the probe's job."""
+        """Per-layer token features as iGPT defines them, n^l = layer_norm(h^l): the residual
+        stream after block l, normed by the LayerNorm that reads it next (block l+1's attention
+        norm; the final norm after the last block). Pre-norm residual streams differ in scale from
+        token to token; normed, every token weighs alike in the probe's average pool.
+        In the attention pattern the model was trained with: AR sees what it was trained on, SOS
+        x_1..x_{N-1} (B, N, D), as openai/image-gpt pools; BERT sees SOS x_1..x_N (B, 1 + N, D),
+        nothing masked. Pooling is the probe's job."""
         layers = layers or [self.num_layers]
         tokens = self.tokens(images)
         if self.gpt.causal:
             tokens = tokens[:, :-1]
-        return self.gpt(self.gpt.embed(tokens), layers=layers)
+        t = self.gpt.transformer
+        norms = [b.norm1 for b in t.blocks] + [t.norm]                  # n^l reads h^l through norms[l]
+        return [norms[l](h) for l, h in zip(layers, self.gpt(self.gpt.embed(tokens), layers=layers))]
 
 
 @register("igpt")
