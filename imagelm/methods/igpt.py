@@ -3,8 +3,8 @@
 Each pixel becomes one token of a k-means colour palette; a GPT-2 style Transformer with a
 start-of-sequence token and learned positions either predicts the next pixel in raster order
 (autoregressive) or, as BERT, sees 15% of the tokens with their embeddings zeroed and predicts
-them. Features for probes are the tokens of one layer, average-pooled; the best layer is usually
-in the middle of the network.
+them. Features for probes are the layer-normed tokens of one layer, average-pooled; the best
+layer is usually in the middle of the network.
 """
 from __future__ import annotations
 
