@@ -20,7 +20,7 @@ SHAPES = [  # (batch, heads, tokens, head dim, causal, what trains at this shape
     (64, 2, 32, 64, True, "clip-tiny text tower"),
     (32, 2, 160, 64, True, "lcl-tiny document model"),
     (64, 2, 160, 64, True, "lcl-tiny document model, batch 64"),
-    (128, 2, 100, 64, True, "igpt-tiny, 10x10 pixels"),
+    (128, 4, 100, 64, True, "igpt-tiny (256x3), 10x10 pixels"),
     (128, 3, 196, 64, True, "iGPT 192x6 at 14x14 pixels"),
     (16, 4, 784, 32, True, "iGPT at 28x28 pixels"),
 ]
