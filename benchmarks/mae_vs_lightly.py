@@ -5,6 +5,7 @@ wall time as `imagelm pretrain mae-tiny --minutes N`, then probed by imagelm's o
 Run in the peers venv (lightly needs torchvision):  make peers
     .venv-peers/bin/python benchmarks/mae_vs_lightly.py --minutes 10 --out runs/lightly-mae
     .venv-peers/bin/imagelm compare runs/mae-tiny runs/lightly-mae runs/aim-tiny
+`--probe-only` probes the ViT an earlier run saved (RUN/vit.safetensors) again, without training.
 It prints end-to-end images/s (data pipeline included) for lightly and, read from the imagelm run's
 metrics.jsonl, for imagelm, and writes RUN/eval/probes.json like `imagelm eval`.
 """
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from imagelm import config
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/lightly-mae")
     ap.add_argument("--ours", default="runs/mae-tiny", help="the imagelm mae-tiny run to compare throughput with")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--probe-only", action="store_true", help="probe OUT/vit.safetensors again; no training")
     args = ap.parse_args()
     cfg = config.load("mae-tiny")
     m, o, t = cfg.model, cfg.objective, cfg.train
@@ -103,8 +105,12 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     loader = torch.utils.data.DataLoader(Data(), batch_size=t.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers, persistent_workers=args.workers > 0)
+    out = Path(args.out)
+    if args.probe_only:   # keep the measured throughput of the run that trained it
+        vit.load_state_dict(load_file(str(out / "vit.safetensors")))
+        lightly_ips = json.loads((out / "eval" / "probes.json").read_text())["img_per_s_end_to_end"]
     deadline, t0, images, step = time.time() + 60 * args.minutes, time.time(), 0, 0
-    while time.time() < deadline:
+    while not args.probe_only and time.time() < deadline:
         for x in loader:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(x)
@@ -116,10 +122,10 @@ def main() -> None:
                 print(f"step {step} loss {loss.item():.4f} {images / (time.time() - t0):.0f} img/s", flush=True)
             if time.time() >= deadline:
                 break
-    lightly_ips = images / (time.time() - t0)
-    out = Path(args.out)
-    (out / "eval").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out / "vit.safetensors"))
+    if not args.probe_only:
+        lightly_ips = images / (time.time() - t0)
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out / "vit.safetensors"))
 
     enc = TimmFeatures(vit)
     layers = parse_layers("all", m.depth)[1:]
@@ -132,8 +138,8 @@ def main() -> None:
     ours = [json.loads(line) for line in (Path(args.ours) / "metrics.jsonl").read_text().splitlines()]
     ours_ips = ours[-1]["step"] * t.batch_size / ours[-1]["time"]
     print(rows_table([("lightly-mae", res)]))
-    print(f"end-to-end images/s: lightly {lightly_ips:.0f}, imagelm {ours_ips:.0f} "
-          f"({ours_ips / lightly_ips:.2f}x); lightly ran {images / len(train):.2f} epochs")
+    print(f"end-to-end images/s: lightly {lightly_ips:.0f}, imagelm {ours_ips:.0f} ({ours_ips / lightly_ips:.2f}x)"
+          + ("" if args.probe_only else f"; lightly ran {images / len(train):.2f} epochs"))
 
 
 if __name__ == "__main__":

@@ -23,19 +23,22 @@ def plot_loss(run: Path) -> Path | None:
 
 
 def plot_layers(run: Path, results: dict) -> Path | None:
-    if "linear" not in results:
+    """Linear (solid) and k-NN (dashed) test accuracy per layer, pretrained and random init."""
+    if "linear" not in results and "knn" not in results:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in [("pretrained", results), ("random init", results.get("random_init", {}))]:
-        if "linear" in r:
-            per = r["linear"]["per_layer"]
-            ax.plot([int(l) for l in per], [100 * a for a in per.values()], marker="o", label=name)
-    raw = results.get("raw_pixels", {}).get("linear")
-    if raw:
-        ax.axhline(100 * raw["acc"], color="gray", ls="--", label="raw pixels")
-    ax.set(xlabel="layer (0 = patch embeddings)", ylabel="linear probe top-1 (%)", title="linear probe per layer")
+    for probe, style in (("linear", "-"), ("knn", "--")):
+        for name, r, colour in [("pretrained", results, "C0"), ("random init", results.get("random_init", {}), "C1")]:
+            if probe in r:
+                per = r[probe]["per_layer"]
+                ax.plot([int(l) for l in per], [100 * a for a in per.values()], style, color=colour, marker="o",
+                        label=f"{probe}, {name}")
+        raw = results.get("raw_pixels", {}).get(probe)
+        if raw:
+            ax.axhline(100 * raw["acc"], color="gray", ls=style, label=f"{probe}, raw pixels")
+    ax.set(xlabel="layer (0 = patch embeddings)", ylabel="test top-1 (%)", title="probes per layer")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _save(fig, run / "plots" / "probe_layers.png")
 
 

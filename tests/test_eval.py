@@ -26,6 +26,23 @@ def test_linear_probe_and_knn_separate_separable_classes():
     assert shuffled < 0.5                        # labels carry the signal, not the probe
 
 
+def test_each_probe_picks_its_layer_on_held_out_train():
+    from imagelm.config import EvalConfig
+    from imagelm.eval import run_probes
+    from imagelm.eval.features import Features
+
+    (x, y), (xt, yt) = _blobs(600), _blobs(300, seed=1)
+    noise, noise_t = torch.randn(600, 8), torch.randn(300, 8)
+    f_train, f_test = Features({0: noise, 1: x}, None), Features({0: noise_t, 1: xt}, None)
+    res = run_probes(f_train, f_test, y, yt, 4, ("linear", "knn"), EvalConfig(val_size=100), log=lambda *a: None)
+    for probe in ("linear", "knn"):
+        assert res[probe]["layer"] == 1 and res[probe]["acc"] > 0.97
+        assert res[probe]["per_layer"]["0"] < 0.5          # the noise layer was probed, and lost
+    assert res["knn"]["k"] == 20 and res["features"]["layer"] == 1
+    only_knn = run_probes(f_train, f_test, y, yt, 4, ("knn",), EvalConfig(val_size=100), log=lambda *a: None)
+    assert "linear" not in only_knn and only_knn["knn"] == res["knn"]
+
+
 def test_attentive_probe_finds_the_informative_token():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (900,), generator=g)
@@ -70,14 +87,19 @@ def test_eval_cli_json_with_baselines(tmp_path, capsys):
     for entry in (res, res["random_init"], res["raw_pixels"]):
         assert {"linear", "attentive", "knn"} <= set(entry)
         assert all(0 <= entry[p]["acc"] <= 1 for p in ("linear", "attentive", "knn"))
-    assert set(res["linear"]["per_layer"]) == {"0", "1", "2"} and res["linear"]["layer"] in (0, 1, 2)
+    for probe in ("linear", "knn"):   # each probe sweeps the layers and picks its own on held-out train
+        assert set(res[probe]["per_layer"]) == {"0", "1", "2"} and res[probe]["layer"] in (0, 1, 2)
+        assert res[probe]["acc"] == res[probe]["per_layer"][str(res[probe]["layer"])]
     assert (tmp_path / "eval" / "probes.json").exists()
     assert (tmp_path / "plots" / "loss.png").exists() and (tmp_path / "plots" / "probe_layers.png").exists()
     assert main(["compare", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert tmp_path.name in out and "raw_pixels" in out and "random_init" in out
-    assert main(["eval", str(tmp_path), "--probe", "knn", "--layers", "1"]) == 0
+    assert main(["eval", str(tmp_path), "--probe", "knn", "--layers", "1", "--baselines"]) == 0
     assert "knn" in capsys.readouterr().out
+    kept = json.loads((tmp_path / "eval" / "probes.json").read_text())   # merged into the earlier results
+    assert kept["knn"]["layer"] == 1 and kept["linear"] == res["linear"]
+    assert kept["raw_pixels"]["linear"] == res["raw_pixels"]["linear"] and "attentive" in kept["random_init"]
 
 
 def test_finetune_learns_and_eval_takes_only_eval_overrides(tmp_path):

@@ -36,26 +36,34 @@ def parse_layers(spec: str, depth: int) -> list[int]:
     return layers
 
 
+def layer_sweep(name: str, probe, f_train: feats.Features, f_test: feats.Features, log=print) -> dict:
+    """A pooled-feature probe at every extracted layer. The layer reported is the one that does
+    best on held-out training images (never chosen on test); every layer's test figure is kept."""
+    sweep = {}
+    for layer in f_train.pooled:
+        t0 = time.time()
+        sweep[layer] = probe(f_train.pooled[layer], f_test.pooled[layer])
+        log(f"  {name} layer {layer}: {sweep[layer]['acc']:.4f} ({time.time() - t0:.0f}s)")
+    best = max(sweep, key=lambda l: sweep[l]["val_acc"])
+    extra = {k: v for k, v in sweep[best].items() if k not in ("acc", "val_acc", "wd")}
+    return {"acc": sweep[best]["acc"], "layer": best, **extra,
+            "per_layer": {str(l): r["acc"] for l, r in sweep.items()}}
+
+
 def run_probes(f_train: feats.Features, f_test: feats.Features, y_train, y_test, classes: int, probes, ecfg,
                token_layers=None, log=print) -> dict:
-    res = {}
-    if "linear" in probes or "knn" in probes:
-        sweep = {}
-        for layer in f_train.pooled:
-            t0 = time.time()
-            sweep[layer] = P.linear_probe(f_train.pooled[layer], y_train, f_test.pooled[layer], y_test, classes,
-                                          ecfg.linear_wd, ecfg.val_size)
-            log(f"  linear layer {layer}: {sweep[layer]['acc']:.4f} ({time.time() - t0:.0f}s)")
-        best = max(sweep, key=lambda l: sweep[l]["val_acc"])   # chosen on held-out train, not on test
-        if "linear" in probes:
-            res["linear"] = {"acc": sweep[best]["acc"], "layer": best,
-                             "per_layer": {str(l): r["acc"] for l, r in sweep.items()}}
+    def linear(train_x, test_x):
+        return P.linear_probe(train_x, y_train, test_x, y_test, classes, ecfg.linear_wd, ecfg.val_size)
+
+    def knn(train_x, test_x):
+        return P.knn_probe(train_x, y_train, test_x, y_test, classes, ecfg.knn_k, ecfg.knn_t, ecfg.val_size)
+
+    res = {name: layer_sweep(name, probe, f_train, f_test, log)
+           for name, probe in (("linear", linear), ("knn", knn)) if name in probes}
+    if res:
+        best = (res.get("linear") or res["knn"])["layer"]
         res["features"] = {"layer": best, "dim": f_test.pooled[best].shape[1],
                            "effective_rank": P.effective_rank(f_test.pooled[best][:5000])}
-        if "knn" in probes:
-            res["knn"] = {**P.knn(f_train.pooled[best], y_train, f_test.pooled[best], y_test, classes,
-                                  ecfg.knn_k, ecfg.knn_t), "layer": best}
-            log(f"  knn layer {best}: {res['knn']['acc']:.4f}")
     if "attentive" in probes and f_train.tokens is not None:
         t0 = time.time()
         res["attentive"] = {**P.attentive_probe(f_train.tokens, y_train, f_test.tokens, y_test, classes,
@@ -147,7 +155,9 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
     if path.exists():    # kept: other evaluations of the same checkpoint with the same settings
         old = json.loads(path.read_text())
         if old.get("checkpoint") == results["checkpoint"] and old.get("eval_config") == results["eval_config"]:
-            results = {**old, **results}
+            # one level deep, so `--probe knn --baselines` keeps the baselines' other probes
+            results = {**old, **{k: {**old[k], **v} if isinstance(v, dict) and isinstance(old.get(k), dict) else v
+                                 for k, v in results.items()}}
     path.write_text(json.dumps(results, indent=2))
     from imagelm import viz
     viz.plot_run(run, results)

@@ -103,6 +103,14 @@ def knn(train_x, train_y, test_x, test_y, classes: int, k: int = 20, t: float = 
     return {"acc": correct / len(test_x), "k": k}
 
 
+def knn_probe(train_x, train_y, test_x, test_y, classes: int, k: int = 20, t: float = 0.07,
+              val_size: int = 5000) -> dict:
+    """k-NN test accuracy, plus its accuracy on the last `val_size` training images voted by the
+    rest: the held-out figure a layer sweep chooses by, as the linear probe's."""
+    val = knn(train_x[:-val_size], train_y[:-val_size], train_x[-val_size:], train_y[-val_size:], classes, k, t)
+    return {**knn(train_x, train_y, test_x, test_y, classes, k, t), "val_acc": val["acc"]}
+
+
 def effective_rank(x: torch.Tensor) -> float:
     """exp(entropy) of the normalised singular values of centred features (N, D): D when every
     direction is used equally, 1 when the features have collapsed onto a line (Roy & Vetterli)."""
