@@ -29,7 +29,7 @@ def plot_layers(run: Path, results: dict) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for probe, style in (("linear", "-"), ("knn", "--")):
         for name, r, colour in [("pretrained", results, "C0"), ("random init", results.get("random_init", {}), "C1")]:
-            if probe in r:
+            if "per_layer" in r.get(probe, {}):   # results merged from older evaluations may lack it
                 per = r[probe]["per_layer"]
                 ax.plot([int(l) for l in per], [100 * a for a in per.values()], style, color=colour, marker="o",
                         label=f"{probe}, {name}")

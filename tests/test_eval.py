@@ -100,6 +100,9 @@ def test_eval_cli_json_with_baselines(tmp_path, capsys):
     kept = json.loads((tmp_path / "eval" / "probes.json").read_text())   # merged into the earlier results
     assert kept["knn"]["layer"] == 1 and kept["linear"] == res["linear"]
     assert kept["raw_pixels"]["linear"] == res["raw_pixels"]["linear"] and "attentive" in kept["random_init"]
+    from imagelm.viz import plot_layers   # results merged from older evaluations lack some sweeps
+    del kept["random_init"]["knn"]["per_layer"]
+    assert plot_layers(tmp_path, kept).exists()
 
 
 def test_finetune_learns_and_eval_takes_only_eval_overrides(tmp_path):
