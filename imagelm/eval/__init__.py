@@ -45,9 +45,7 @@ def layer_sweep(name: str, probe, f_train: feats.Features, f_test: feats.Feature
         sweep[layer] = probe(f_train.pooled[layer], f_test.pooled[layer])
         log(f"  {name} layer {layer}: {sweep[layer]['acc']:.4f} ({time.time() - t0:.0f}s)")
     best = max(sweep, key=lambda l: sweep[l]["val_acc"])
-    extra = {k: v for k, v in sweep[best].items() if k not in ("acc", "val_acc", "wd")}
-    return {"acc": sweep[best]["acc"], "layer": best, **extra,
-            "per_layer": {str(l): r["acc"] for l, r in sweep.items()}}
+    return {**sweep[best], "layer": best, "per_layer": {str(l): r["acc"] for l, r in sweep.items()}}
 
 
 def run_probes(f_train: feats.Features, f_test: feats.Features, y_train, y_test, classes: int, probes, ecfg,
