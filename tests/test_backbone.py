@@ -2,7 +2,10 @@ import torch
 
 from imagelm.config import ModelConfig
 from imagelm.nn.embed import patchify, sincos_2d, unpatchify
-from imagelm.nn.transformer import Transformer, attention_mask
+import torch.nn.functional as F
+
+from imagelm.nn import transformer
+from imagelm.nn.transformer import Transformer, attention_mask, explicit_attention
 from imagelm.nn.vit import ViT
 
 
@@ -37,6 +40,34 @@ def test_prefix_attention_information_flow():
     x3[:, 2] += torch.randn(16)                      # the last prefix token: the whole prefix sees it
     y3 = net(x3, mask)
     assert not torch.allclose(y[:, 0], y3[:, 0])
+
+
+def test_explicit_attention_equals_sdpa_and_cpu_training_uses_it(monkeypatch):
+    """The written-out attention that CPU training runs gives SDPA's outputs and gradients for
+    every mask kind; a Transformer takes it when grad is enabled and SDPA in inference, with the
+    same result."""
+    torch.manual_seed(0)
+    B, h, n, d = 3, 2, 7, 8
+    masks = [(None, False), (None, True), (attention_mask("causal", n), False),
+             (attention_mask("prefix", n, torch.tensor([1, 3, 7])), False)]
+    for mask, causal in masks:
+        q, k, v = (torch.randn(B, h, n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        ours = explicit_attention(q, k, v, mask, causal)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        torch.testing.assert_close(ours, ref)
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g))
+    calls = []
+    monkeypatch.setattr(transformer, "explicit_attention", lambda *a: calls.append(1) or explicit_attention(*a))
+    net = Transformer(16, 2, 2).double()
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    prefix = attention_mask("prefix", n, torch.tensor([2, 4]))
+    trained, causal = net(x, prefix), net(x, is_causal=True)
+    assert len(calls) == 4                    # 2 blocks x 2 calls
+    with torch.inference_mode():
+        torch.testing.assert_close(trained, net(x, prefix))
+        torch.testing.assert_close(causal, net(x, is_causal=True))
+    assert len(calls) == 4
 
 
 def test_patchify_roundtrip_and_layout():

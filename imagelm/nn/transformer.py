@@ -3,27 +3,38 @@ masks, a KV cache for autoregressive sampling, and Multiway blocks (BEiT-3): sha
 one FFN expert per modality."""
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MaskMode = Literal["full", "causal", "prefix"]
 
-# When training on short sequences the CPU flash kernel loses to SDPA's math path (forward +
-# backward 2-3x slower at 49 tokens on an AVX-512 CPU, ~1.4x at 160 causal tokens); at 196 tokens
-# flash wins and avoids materialising the N x N scores (benchmarks/attention_backends.py).
-# Inference keeps flash.
-CPU_MATH_ATTENTION_MAX_LEN = 160
+# Training short sequences on CPU, attention is written out (timm's non-fused path) rather than
+# asked of SDPA: SDPA's math backend upcasts bf16 q/k/v to fp32, and its flash kernel loses at
+# these lengths. Written out it runs in the autocast dtype, as non-fused attention does under
+# autocast on a GPU: forward + backward 1.5-2.2x faster than the math backend at 12-160 tokens, and
+# the training step of mae-, aim- and igpt-tiny 1.25-1.45x (benchmarks/attention_backends.py).
+# Longer sequences and inference keep SDPA (flash), which never materialises the N x N scores;
+# written out is still faster at 196 tokens here, flash from ~256 on.
+CPU_EXPLICIT_ATTENTION_MAX_LEN = 160
 
 
-def _attention_backend(x: torch.Tensor):
-    if x.device.type == "cpu" and x.shape[1] <= CPU_MATH_ATTENTION_MAX_LEN and torch.is_grad_enabled():
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                       is_causal: bool = False) -> torch.Tensor:
+    """SDPA's result, softmax(q k^T / sqrt(d) masked) v, with the scores materialised: q (B, h, N, d),
+    k and v (B, h, M, d), mask broadcastable to (B, h, N, M) with True = may attend."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                  # (B, h, N, M)
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def _explicit(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.shape[1] <= CPU_EXPLICIT_ATTENTION_MAX_LEN and torch.is_grad_enabled()
 
 
 def attention_mask(mode: MaskMode, n: int, prefix_len: torch.Tensor | None = None,
@@ -93,7 +104,11 @@ class Attention(nn.Module):
         if cache is not None:    # causal decoding: attend to the cache, then these tokens causally
             mask, is_causal = cache.mask(N, x.device), False
             k, v = cache.update(layer, k, v)                               # (B, h, len+N, d)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        is_causal = is_causal and mask is None
+        if cache is None and _explicit(x):
+            x = explicit_attention(q, k, v, mask, is_causal)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -187,20 +202,19 @@ class Transformer(nn.Module):
         positions are image (VISION) or text (LANGUAGE) tokens, the same for the whole batch;
         `fuse` marks the input as image-text pairs (the vision-language experts serve them)."""
         routes = self.routes(modality, fuse)
-        with _attention_backend(x):
-            if layers is None:
-                for i, blk in enumerate(self.blocks):
-                    x = blk(x, mask, is_causal, cache, i, routes[i])
-                if cache is not None:
-                    cache.len += x.shape[1]
-                return self.norm(x)
+        if layers is None:
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, mask, is_causal, cache, i, routes[i])
             if cache is not None:
-                raise ValueError("a KV cache is for decoding; ask for block outputs without one")
-            outs, want = {}, set(layers)
-            if 0 in want:
-                outs[0] = x
-            for i, blk in enumerate(self.blocks[: max(layers)], start=1):
-                x = blk(x, mask, is_causal, route=routes[i - 1])
-                if i in want:
-                    outs[i] = x
-            return [outs[i] for i in layers]
+                cache.len += x.shape[1]
+            return self.norm(x)
+        if cache is not None:
+            raise ValueError("a KV cache is for decoding; ask for block outputs without one")
+        outs, want = {}, set(layers)
+        if 0 in want:
+            outs[0] = x
+        for i, blk in enumerate(self.blocks[: max(layers)], start=1):
+            x = blk(x, mask, is_causal, route=routes[i - 1])
+            if i in want:
+                outs[i] = x
+        return [outs[i] for i in layers]
