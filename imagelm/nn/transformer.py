@@ -14,10 +14,10 @@ MaskMode = Literal["full", "causal", "prefix"]
 # Training short sequences on CPU, attention is written out (timm's non-fused path) rather than
 # asked of SDPA: SDPA's math backend upcasts bf16 q/k/v to fp32, and its flash kernel loses at
 # these lengths. Written out it runs in the autocast dtype (bf16 scores, as any non-fused attention
-# under autocast has): forward + backward 1.5-2.2x faster than the math backend at 12-160 tokens
+# under autocast has): forward + backward 1.3-2.4x faster than the math backend at 12-160 tokens
 # (benchmarks/attention_backends.py), the training step of mae-, aim- and igpt-tiny ~1.1-1.2x.
 # Longer sequences and inference keep SDPA (flash), which never materialises the N x N scores;
-# written out is still faster at 196 tokens here, flash from ~256 on.
+# written out is still faster at 196 tokens here, about even with flash at 256, 2-3x slower at 784.
 CPU_EXPLICIT_ATTENTION_MAX_LEN = 160
 
 
