@@ -1,10 +1,9 @@
 import torch
-
-from imagelm.config import ModelConfig
-from imagelm.nn.embed import patchify, sincos_2d, unpatchify
 import torch.nn.functional as F
 
+from imagelm.config import ModelConfig
 from imagelm.nn import transformer
+from imagelm.nn.embed import patchify, sincos_2d, unpatchify
 from imagelm.nn.transformer import Transformer, attention_mask, explicit_attention
 from imagelm.nn.vit import ViT
 
