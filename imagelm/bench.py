@@ -17,6 +17,7 @@ from imagelm.config import Config
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
 from imagelm.methods import build_method
+from imagelm.train import check_compiler
 
 
 def _sync(device: torch.device) -> None:
@@ -176,6 +177,8 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     flops = step_flops(method, batches[0])
     # train.compile=true times the torch.compile'd step, as the trainer would run it (FLOPs: eager)
     compiled = torch.compile if cfg.train.compile else (lambda m: m)
+    if cfg.train.compile:
+        check_compiler(device)
     res["compiled"] = cfg.train.compile
     sec = time_steps(compiled(method), batches, steps, bf16, device)
     res.update(img_per_s=batch_size / sec, step_s=sec, data_s_per_batch=data_s, flops_per_img=flops / batch_size,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +26,14 @@ class TrainingDiverged(RuntimeError):
 
 
 REFIT = 100     # steps between refits of the schedule to a --minutes budget
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on CPU builds C++ kernels: without a compiler, say so now, not in the first step."""
+    if device.type == "cpu" and not any(map(shutil.which, filter(None, (os.environ.get("CXX"), "c++", "g++",
+                                                                         "clang++")))):
+        raise ConfigError("train.compile=true on CPU needs a C++ compiler (install g++ or set CXX), "
+                          "or pass train.compile=false")
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -85,6 +95,7 @@ class Trainer:
             self._load(self.resume_from)
         self.model = DDP(self.method) if self.world > 1 else self.method
         if t.compile:
+            check_compiler(self.device)
             self.model = torch.compile(self.model)
 
     # --- run directory ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -93,6 +94,32 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     wa = checkpoint.load_weights(checkpoint.latest(tmp_path / "a" / "checkpoints"))
     wb = checkpoint.load_weights(checkpoint.latest(tmp_path / "b" / "checkpoints"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("c++", "g++", "clang++"))),
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("method", [
+    ("method=mae", "mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2"),
+    ("method=beit", "beit.vocab=16", "beit.tokenizer_kind=kmeans"),      # its block masks stay eager
+], ids=["mae", "beit"])
+def test_compiled_training_equals_eager(tmp_path, method):
+    """train.compile=true (mae-tiny's recipe) trains the same model as eager, only faster."""
+    args = (*method, "train.steps=3")
+    Trainer(tiny_cfg(*args), tmp_path / "eager", progress=False).fit()
+    trainer = Trainer(tiny_cfg(*args, "train.compile=true"), tmp_path / "compiled", progress=False)
+    assert trainer.model is not trainer.method      # the step really runs compiled
+    trainer.fit()
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    we = checkpoint.load_weights(checkpoint.latest(tmp_path / "eager" / "checkpoints"))
+    wc = checkpoint.load_weights(checkpoint.latest(tmp_path / "compiled" / "checkpoints"))
+    assert we.keys() == wc.keys() and all(torch.allclose(we[k], wc[k], atol=1e-5) for k in we)
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        Trainer(tiny_cfg("train.compile=true"), tmp_path / "run", progress=False)
 
 
 @needs_fmnist

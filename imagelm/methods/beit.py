@@ -58,6 +58,7 @@ def block_mask(grid: int, count: int, min_block: int, aspect: float, rng: random
     return mask.flatten()
 
 
+@torch.compiler.disable    # Python loops with a seeded RNG, as BEiT's data-loader masking: run eagerly
 def block_masks(u: torch.Tensor, grid: int, count: int, min_block: int, aspect: float) -> torch.Tensor:
     """One block mask per uniform number in u (B,), each seeded by it -> (B, grid * grid) 0/1."""
     seeds = (u.double() * 2 ** 31).long().tolist()
