@@ -112,7 +112,9 @@ def test_compiled_training_equals_eager(tmp_path, method):
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
     we = checkpoint.load_weights(checkpoint.latest(tmp_path / "eager" / "checkpoints"))
     wc = checkpoint.load_weights(checkpoint.latest(tmp_path / "compiled" / "checkpoints"))
-    assert we.keys() == wc.keys() and all(torch.allclose(we[k], wc[k], atol=1e-5) for k in we)
+    # Adam divides by sqrt(v): float-level differences in near-zero gradients move a weight by up to
+    # ~1e-5 (lr 1e-3); a step computed wrongly would move it by ~lr
+    assert we.keys() == wc.keys() and all(torch.allclose(we[k], wc[k], atol=1e-4) for k in we)
 
 
 def test_compile_without_a_cpp_compiler_is_a_clear_config_error(tmp_path, monkeypatch):
