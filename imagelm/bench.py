@@ -176,9 +176,9 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     res["peak_matmul_gflops"] = matmul_peak(torch.bfloat16, device) if bf16 else res["peak_matmul_gflops_fp32"]
     flops = step_flops(method, batches[0])
     # train.compile=true times the torch.compile'd step, as the trainer would run it (FLOPs: eager)
-    compiled = torch.compile if cfg.train.compile else (lambda m: m)
     if cfg.train.compile:
         check_compiler(device)
+    compiled = torch.compile if cfg.train.compile else (lambda m: m)
     res["compiled"] = cfg.train.compile
     sec = time_steps(compiled(method), batches, steps, bf16, device)
     res.update(img_per_s=batch_size / sec, step_s=sec, data_s_per_batch=data_s, flops_per_img=flops / batch_size,

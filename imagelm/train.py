@@ -28,10 +28,15 @@ class TrainingDiverged(RuntimeError):
 REFIT = 100     # steps between refits of the schedule to a --minutes budget
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with ($CXX, c++, g++, clang++), or None."""
+    return next(filter(None, map(shutil.which, filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")))),
+                None)
+
+
 def check_compiler(device: torch.device) -> None:
     """torch.compile on CPU builds C++ kernels: without a compiler, say so now, not in the first step."""
-    if device.type == "cpu" and not any(map(shutil.which, filter(None, (os.environ.get("CXX"), "c++", "g++",
-                                                                         "clang++")))):
+    if device.type == "cpu" and cpp_compiler() is None:
         raise ConfigError("train.compile=true on CPU needs a C++ compiler (install g++ or set CXX), "
                           "or pass train.compile=false")
 

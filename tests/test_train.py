@@ -1,6 +1,5 @@
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from conftest import needs_fmnist, tiny_cfg
 from imagelm import checkpoint
 from imagelm.config import ConfigError, load
 from imagelm.methods import Output
-from imagelm.train import Trainer, TrainingDiverged, lr_at
+from imagelm.train import Trainer, TrainingDiverged, cpp_compiler, lr_at
 
 
 def losses(run):
@@ -96,8 +95,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-@pytest.mark.skipif(not any(map(shutil.which, ("c++", "g++", "clang++"))),
-                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("method", [
     ("method=mae", "mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2"),
     ("method=beit", "beit.vocab=16", "beit.tokenizer_kind=kmeans"),      # its block masks stay eager
