@@ -72,8 +72,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 1024      # feature extraction (inference mode, bf16; on CPU in chunks of ~4096 tokens)
-    linear_epochs: int = 30
-    linear_wd: tuple[float, ...] = (0.0, 1e-4, 1e-3)   # swept on a held-out split of train
+    linear_iters: int = 300     # L-BFGS steps per fit of the linear probe's L2 path (see eval/probe.py)
+    linear_wd: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5, 0.0)   # swept on a held-out split of train
     attentive_layers: str = "last:6"   # blocks averaged for the attentive probe: "last:N" or "1,2,3" (AIM: last 6)
     attentive_epochs: int = 10
     attentive_lr: float = 1e-2    # inputs are BatchNorm-ed; 1e-2 beat 1e-3 and 3e-3 on aim-tiny

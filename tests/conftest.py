@@ -16,7 +16,7 @@ TINY = {
     "data": {"dataset": "synthetic"},
     "train": {"batch_size": 16, "steps": 6, "lr": 1e-3, "warmup": 0.2, "ckpt_every": 3, "log_every": 1,
               "precision": "fp32"},
-    "eval": {"batch_size": 128, "linear_epochs": 5, "attentive_epochs": 2, "val_size": 64,
+    "eval": {"batch_size": 128, "linear_iters": 50, "attentive_epochs": 2, "val_size": 64,
              "attentive_layers": "last:1"},
 }
 

@@ -53,3 +53,18 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     from imagelm.cli import main
     assert main(["pretrain", "aim-tiny", "--out", str(tmp_path), "aim.typo=1"]) == 2
     assert "aim.typo" in capsys.readouterr().err
+
+
+def test_runs_saved_by_older_versions_load_without_their_retired_keys(tmp_path):
+    import yaml
+
+    from imagelm.train import load_run_config
+
+    d = config.load("aim-tiny").to_dict()
+    d["eval"]["linear_epochs"] = 30          # saved before the linear probe's budget was eval.linear_iters
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(d))
+    assert load_run_config(tmp_path) == config.load("aim-tiny")
+    d["eval"]["linear_epoch"] = 30           # but a key no version had is still an error
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(config.ConfigError, match="eval.linear_epoch"):
+        load_run_config(tmp_path)

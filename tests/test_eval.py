@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from conftest import tiny_cfg
+from conftest import needs_fmnist, tiny_cfg
 from imagelm.cli import main
 from imagelm.data import sources
 from imagelm.eval import parse_layers
@@ -24,6 +24,29 @@ def test_linear_probe_and_knn_separate_separable_classes():
     assert P.knn(x, y, xt, yt, 4, k=5)["acc"] > 0.97
     shuffled = P.linear_probe(x, y[torch.randperm(600)], xt, yt, 4, val_size=100)["acc"]
     assert shuffled < 0.5                        # labels carry the signal, not the probe
+
+
+@needs_fmnist
+def test_linear_probe_fits_converge_on_correlated_real_features():
+    """Standardised pixels are strongly correlated, as learned features are: from zeros, 100 L-BFGS
+    steps (the old probe) stop well short of the optimum; the warm-started path reaches it."""
+    import torch.nn.functional as F
+
+    from imagelm.config import DataConfig, ModelConfig
+
+    d = sources.load(DataConfig(dataset="fashion-mnist"), ModelConfig(img_size=28, patch_size=4, in_chans=1), "train")
+    x, y = P.standardize(d.images[:3000].float().flatten(1))[0], d.labels[:3000]
+
+    def objective(clf, wd):
+        with torch.no_grad():
+            return (F.cross_entropy(clf(x), y) + 0.5 * wd * clf.weight.pow(2).sum()).item()
+
+    wd = 1e-4
+    best = objective(P.fit_logreg(x, y, 10, wd, iters=5000), wd)
+    assert objective(P.fit_logreg(x, y, 10, wd, iters=100), wd) > 1.05 * best
+    fits = P.logreg_path(x, y, 10, (1e-2, 1e-3, wd), iters=300)
+    assert list(fits) == [1e-2, 1e-3, wd]
+    assert objective(fits[wd], wd) < 1.01 * best
 
 
 def test_each_probe_picks_its_layer_on_held_out_train():

@@ -51,7 +51,8 @@ def layer_sweep(name: str, probe, f_train: feats.Features, f_test: feats.Feature
 def run_probes(f_train: feats.Features, f_test: feats.Features, y_train, y_test, classes: int, probes, ecfg,
                token_layers=None, log=print) -> dict:
     def linear(train_x, test_x):
-        return P.linear_probe(train_x, y_train, test_x, y_test, classes, ecfg.linear_wd, ecfg.val_size)
+        return P.linear_probe(train_x, y_train, test_x, y_test, classes, ecfg.linear_wd, ecfg.val_size,
+                              ecfg.linear_iters)
 
     def knn(train_x, test_x):
         return P.knn_probe(train_x, y_train, test_x, y_test, classes, ecfg.knn_k, ecfg.knn_t, ecfg.val_size)

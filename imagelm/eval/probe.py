@@ -21,12 +21,16 @@ def standardize(train: torch.Tensor, *others: torch.Tensor):
     return [(t - mu) / sd for t in (train, *others)]
 
 
-def fit_logreg(x: torch.Tensor, y: torch.Tensor, classes: int, wd: float, iters: int = 100) -> nn.Linear:
-    """Multinomial logistic regression, full batch, L-BFGS; loss = CE + wd/2 |W|^2."""
-    torch.manual_seed(0)
+def fit_logreg(x: torch.Tensor, y: torch.Tensor, classes: int, wd: float, iters: int = 300,
+               init: nn.Linear | None = None) -> nn.Linear:
+    """Multinomial logistic regression, full batch, L-BFGS; loss = CE + wd/2 |W|^2. Starts from
+    zeros, or from `init` (a warm start along a regularisation path)."""
     clf = nn.Linear(x.shape[1], classes)
-    nn.init.zeros_(clf.weight)
-    nn.init.zeros_(clf.bias)
+    if init is None:
+        nn.init.zeros_(clf.weight)
+        nn.init.zeros_(clf.bias)
+    else:
+        clf.load_state_dict(init.state_dict())
     opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=iters, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
 
@@ -40,16 +44,30 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, classes: int, wd: float, iters:
     return clf
 
 
-def linear_probe(train_x, train_y, test_x, test_y, classes: int, wds=(0.0, 1e-4, 1e-3), val_size: int = 5000,
-                 iters: int = 100) -> dict:
-    """Choose the L2 strength on the last `val_size` training images, refit on all of train,
-    report test accuracy. Features are standardised with train statistics."""
+def logreg_path(x: torch.Tensor, y: torch.Tensor, classes: int, wds, iters: int = 300) -> dict[float, nn.Linear]:
+    """One fit per L2 strength, from the strongest down, each warm-started from the one before:
+    weakly regularised fits on correlated features take ~1,000 L-BFGS steps to converge from zeros
+    (100 left iGPT's probe 1.7 points short); along the path each fit starts near its optimum."""
+    fits, clf = {}, None
+    for wd in sorted(set(wds), reverse=True):
+        fits[wd] = clf = fit_logreg(x, y, classes, wd, iters, init=clf)
+    return fits
+
+
+def linear_probe(train_x, train_y, test_x, test_y, classes: int, wds=(1e-2, 1e-3, 1e-4, 1e-5, 0.0),
+                 val_size: int = 5000, iters: int = 300) -> dict:
+    """Choose the L2 strength on the last `val_size` training images, refit on all of train
+    (warm-started from the chosen fit), report test accuracy. Features are standardised with
+    train statistics."""
     train_x, test_x = standardize(train_x.float(), test_x.float())
     fit_x, fit_y, val_x, val_y = train_x[:-val_size], train_y[:-val_size], train_x[-val_size:], train_y[-val_size:]
-    val = {wd: accuracy(fit_logreg(fit_x, fit_y, classes, wd, iters)(val_x), val_y) for wd in wds}
-    wd = max(val, key=val.get)
+    fits = logreg_path(fit_x, fit_y, classes, wds, iters)
     with torch.no_grad():
-        acc = accuracy(fit_logreg(train_x, train_y, classes, wd, iters)(test_x), test_y)
+        val = {wd: accuracy(clf(val_x), val_y) for wd, clf in fits.items()}
+    wd = max(val, key=val.get)
+    clf = fit_logreg(train_x, train_y, classes, wd, iters, init=fits[wd])
+    with torch.no_grad():
+        acc = accuracy(clf(test_x), test_y)
     return {"acc": acc, "val_acc": val[wd], "wd": wd}
 
 
