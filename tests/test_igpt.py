@@ -144,5 +144,6 @@ def test_bench_reports_kv_cache_speedup_and_sequence_growth():
     cfg = tiny_cfg("method=igpt", "igpt.palette=8", "igpt.resolution=8")
     res = build_method(cfg).benchmarks(cfg, torch.device("cpu"))
     assert res["kv_cache_identical"] and res["kv_cache_speedup"] > 0    # the speed itself: `imagelm bench`
-    assert res["step_s_784"] > res["step_s_196"] > 0 and res["peak_mem_mb_784"] > 0
-    assert res["peak_mem_mb_196"] > 0 and res["seq_4x_memory_growth"] > 0
+    assert res["step_s_784"] > 0 and res["step_s_196"] > 0              # times: too noisy to compare in a test
+    assert res["peak_mem_mb_784"] > res["peak_mem_mb_196"] > 0          # 4x the tokens hold more activations
+    assert res["seq_4x_memory_growth"] == res["peak_mem_mb_784"] / res["peak_mem_mb_196"]
