@@ -209,6 +209,19 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
+# keys that configs saved by older versions hold and this one no longer has
+RETIRED = {"eval": ("linear_epochs",)}      # never read: the linear probe runs L-BFGS (eval.linear_iters)
+
+
+def drop_retired(d: dict) -> dict:
+    """A saved run's config without its RETIRED keys, so that runs of older versions still load."""
+    d = dict(d)
+    for section, keys in RETIRED.items():
+        if isinstance(d.get(section), dict):
+            d[section] = {k: v for k, v in d[section].items() if k not in keys}
+    return d
+
+
 def from_dict(d: dict) -> Config:
     from imagelm.methods import METHODS  # late: methods import this module
 

@@ -15,7 +15,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imagelm import checkpoint, dist
-from imagelm.config import Config, ConfigError, diff, from_dict
+from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
 from imagelm.methods import build_method
@@ -59,19 +59,11 @@ def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# keys that runs saved by older versions hold and this one no longer has: dropped on loading them
-RETIRED = {"eval": ("linear_epochs",)}      # unused: the linear probe runs L-BFGS (eval.linear_iters)
-
-
 def load_run_config(run: Path) -> Config:
     path = Path(run) / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
-    d = yaml.safe_load(path.read_text())
-    for section, keys in RETIRED.items():
-        for key in keys:
-            (d.get(section) or {}).pop(key, None)
-    return from_dict(d)
+    return from_dict(drop_retired(yaml.safe_load(path.read_text())))
 
 
 class Trainer:
