@@ -95,3 +95,44 @@ def test_beit_and_aim_token_ce_train(tmp_path):
         cfg = tiny_cfg(*o, f"{name}.vocab=16", f"{name}.tokenizer_kind=kmeans", "train.steps=2")
         Trainer(cfg, tmp_path / name, progress=False).fit()
         assert (tmp_path / name / "tokenizer").exists()
+
+
+def test_tokenizer_on_raw_patches_tells_flat_background_from_flat_fill(tmp_path):
+    """Per-patch normalisation maps every flat patch (background or a garment's uniform fill) to the
+    same vector, so its codes cannot tell them apart; on raw patches (BEiT's dVAE) they differ.
+    A saved tokenizer whose normalisation differs from the config's is refused."""
+    cfg = tiny_cfg("method=beit", "beit.vocab=8", "beit.tokenizer_kind=kmeans")
+    data = sources.load(cfg.data, cfg.model, "train")
+    flat = torch.full((2, 1, 8, 8), -1.0)
+    flat[1] = 1.0                                            # a dark and a bright flat image
+    codes = {}
+    for norm_pix in (True, False):
+        cfg.objective.tokenizer_norm_pix = norm_pix
+        beit = build_method(cfg)
+        assert beit.tokenizer.cfg.norm_pix is norm_pix
+        beit.prepare(data, tmp_path / str(norm_pix), log=lambda *a: None)
+        codes[norm_pix] = beit.tokenizer.encode(flat)
+    assert (codes[True][0] == codes[True][1]).all()
+    assert (codes[False][0] != codes[False][1]).all()
+    cfg.objective.tokenizer = str(tmp_path / "True" / "tokenizer")   # saved with norm_pix on
+    import pytest
+    with pytest.raises(ValueError, match="norm_pix True"):
+        build_method(cfg).prepare(data, tmp_path / "x", log=lambda *a: None)
+
+
+def test_tokenizer_context_codes_a_window_centred_on_each_patch():
+    """With context=c each code stands for the (2c+1)p-pixel window around its patch: the window's
+    centre is the patch itself, and a change just outside a patch moves that patch's window."""
+    x = torch.randn(2, 1, 8, 8)
+    local = visual.VisualTokenizer(visual.TokenizerConfig(vocab=4, patch_size=2, in_chans=1, norm_pix=False))
+    wide = visual.VisualTokenizer(visual.TokenizerConfig(vocab=4, patch_size=2, in_chans=1, norm_pix=False, context=1))
+    w = wide.patches(x)
+    assert w.shape == (2, 16, 36) == (2, local.patches(x).shape[1], wide.in_dim)
+    assert torch.equal(w.view(2, 16, 6, 6)[:, :, 2:4, 2:4].reshape(2, 16, 4), local.patches(x))
+    y = x.clone()
+    y[:, :, 2, 2] += 1                           # a pixel of patch (1, 1), next to patch (0, 0)
+    assert torch.equal(local.patches(y)[:, 0], local.patches(x)[:, 0])
+    assert not torch.equal(wide.patches(y)[:, 0], w[:, 0])
+    tok = visual.train_tokenizer(visual.TokenizerConfig(vocab=8, patch_size=2, in_chans=1, context=1, steps=20,
+                                                        batch_size=8), x.repeat(8, 1, 1, 1), log=lambda *a: None)
+    assert tok.encode(x).shape == (2, 16) and tok.decode(tok.encode(x)).shape == (2, 16, 36)

@@ -19,7 +19,7 @@ from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import ResidualMLPHead
 from imagelm.nn.transformer import attention_mask
 from imagelm.nn.vit import ViT
-from imagelm.tokenizers.visual import TokenizerConfig, TokenTargets, VisualTokenizer, prepare_tokenizer
+from imagelm.tokenizers.visual import TokenTargets, VisualTokenizer, prepare_tokenizer
 
 
 @dataclass
@@ -70,9 +70,7 @@ class AIM(nn.Module):
         out_dim = cfg.vocab if cfg.loss == "token_ce" else self.p * self.p * model.in_chans
         self.head = ResidualMLPHead(model.dim, out_dim, cfg.head_depth, cfg.head_width, model.bias, model.norm_eps)
         if cfg.loss == "token_ce":
-            self.tokenizer = VisualTokenizer(TokenizerConfig(kind=cfg.tokenizer_kind, vocab=cfg.vocab,
-                                                             patch_size=model.patch_size, in_chans=model.in_chans,
-                                                             steps=cfg.tokenizer_steps))
+            self.tokenizer = VisualTokenizer(cfg.tokenizer_config(model))
             self.tokenizer.requires_grad_(False)
         if cfg.order != "random":
             self.register_buffer("order", patch_order(cfg.order, self.encoder.grid), persistent=False)

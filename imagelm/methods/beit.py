@@ -18,7 +18,7 @@ from torch import nn
 from imagelm.config import ModelConfig
 from imagelm.methods import Output, register
 from imagelm.nn.vit import ViT
-from imagelm.tokenizers.visual import TokenizerConfig, TokenTargets, VisualTokenizer, prepare_tokenizer
+from imagelm.tokenizers.visual import TokenTargets, VisualTokenizer, prepare_tokenizer
 
 
 @dataclass
@@ -80,9 +80,7 @@ class BEiT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, model.dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(model.dim, cfg.vocab)
-        self.tokenizer = VisualTokenizer(TokenizerConfig(kind=cfg.tokenizer_kind, vocab=cfg.vocab,
-                                                         patch_size=model.patch_size, in_chans=model.in_chans,
-                                                         steps=cfg.tokenizer_steps))
+        self.tokenizer = VisualTokenizer(cfg.tokenizer_config(model))
         self.tokenizer.requires_grad_(False)
 
     def prepare(self, data, run_dir, log=print) -> None:

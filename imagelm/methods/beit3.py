@@ -24,7 +24,7 @@ from imagelm.methods.beit import block_masks
 from imagelm.nn.transformer import LANGUAGE, VISION
 from imagelm.nn.vit import ViT
 from imagelm.tokenizers.text import EOT, MASK, PAD, SPECIAL_TOKENS, load_or_train
-from imagelm.tokenizers.visual import TokenizerConfig, TokenTargets, VisualTokenizer, prepare_tokenizer
+from imagelm.tokenizers.visual import TokenTargets, VisualTokenizer, prepare_tokenizer
 
 IMAGE, TEXT, PAIR = 0, 1, 2          # what a sample is used as
 EOT_ID, PAD_ID, MASK_ID = (SPECIAL_TOKENS.index(t) for t in (EOT, PAD, MASK))
@@ -67,9 +67,7 @@ class BEiT3(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         self.image_head = nn.Linear(model.dim, cfg.vocab)
         self.text_head = nn.Linear(model.dim, cfg.text_vocab)
-        self.tokenizer = VisualTokenizer(TokenizerConfig(kind=cfg.tokenizer_kind, vocab=cfg.vocab,
-                                                         patch_size=model.patch_size, in_chans=model.in_chans,
-                                                         steps=cfg.tokenizer_steps))
+        self.tokenizer = VisualTokenizer(cfg.tokenizer_config(model))
         self.tokenizer.requires_grad_(False)
         self.text_tokenizer = None
 

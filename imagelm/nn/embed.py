@@ -25,10 +25,13 @@ def normalized_patches(images: torch.Tensor, p: int, norm_pix: bool = True) -> t
     """Pixel targets (B, K, p*p*C); with norm_pix each patch is normalised by its own mean and
     variance, (x - mu) / sqrt(var + 1e-6), as AIM and MAE regress."""
     x = patchify(images, p)
-    if norm_pix:
-        mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)
-        x = (x - mean) / (var + 1e-6) ** 0.5
-    return x
+    return normalize_rows(x) if norm_pix else x
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each vector over the last dim by its own mean and variance: (x - mu) / sqrt(var + 1e-6)."""
+    mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)
+    return (x - mean) / (var + 1e-6) ** 0.5
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from imagelm.config import DataConfig
-from imagelm.nn.embed import normalized_patches
+from imagelm.nn.embed import normalize_rows, normalized_patches
 
 FORMAT_VERSION = 1
 
@@ -32,6 +32,8 @@ class TokenizerConfig:
     patch_size: int = 16
     in_chans: int = 3
     norm_pix: bool = True        # tokenize per-patch normalised pixels
+    context: int = 0             # neighbouring patches on each side a code also sees: a (2c+1)p-pixel window,
+                                 # as DALL-E's conv encoder (BEiT's tokenizer) sees beyond its cell
     dim: int = 32                # VQ latent size
     hidden: int = 256            # VQ encoder/decoder MLP width
     beta: float = 0.25           # commitment weight (VQ-VAE)
@@ -74,7 +76,7 @@ class VisualTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
-        P = cfg.patch_size ** 2 * cfg.in_chans
+        P = self.in_dim = ((2 * cfg.context + 1) * cfg.patch_size) ** 2 * cfg.in_chans
         if cfg.kind == "vq":
             self.enc = nn.Sequential(nn.Linear(P, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
             self.dec = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, P))
@@ -87,7 +89,14 @@ class VisualTokenizer(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(cfg.vocab, code_dim))
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
-        return normalized_patches(images, self.cfg.patch_size, self.cfg.norm_pix)   # (B, K, P)
+        """(B, C, H, W) -> what each code stands for, (B, K, P): its patch, or with `context` the
+        window centred on it (edges padded by replication), normalised if norm_pix."""
+        c, p = self.cfg.context, self.cfg.patch_size
+        if not c:
+            return normalized_patches(images, p, self.cfg.norm_pix)
+        padded = F.pad(images.float(), (c * p,) * 4, mode="replicate")
+        x = F.unfold(padded, (2 * c + 1) * p, stride=p).transpose(1, 2)         # (B, K, C * w * w)
+        return normalize_rows(x) if self.cfg.norm_pix else x
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """(..., d) latents -> (...) nearest code indices."""
@@ -141,8 +150,7 @@ def train_tokenizer(cfg: TokenizerConfig, train_images: torch.Tensor, minutes: f
     g = torch.Generator().manual_seed(cfg.seed)
     tok = VisualTokenizer(cfg)
     sample = train_images[torch.randperm(len(train_images), generator=g)[:4096]]
-    patches = tok.patches(sample).reshape(-1, tok.codebook.shape[1] if cfg.kind == "kmeans" else
-                                          cfg.patch_size ** 2 * cfg.in_chans)
+    patches = tok.patches(sample).reshape(-1, tok.in_dim)
     subset = patches[torch.randperm(len(patches), generator=g)[:50_000]]
     if cfg.kind == "kmeans":
         tok.codebook.copy_(kmeans(subset, cfg.vocab, seed=cfg.seed))
@@ -212,6 +220,14 @@ class TokenTargets:
     tokenizer_kind: Literal["vq", "kmeans"] = "vq"
     vocab: int = 8192
     tokenizer_steps: int = 2000
+    tokenizer_norm_pix: bool = True   # tokenize per-patch normalised pixels (BEiT's dVAE sees raw pixels)
+    tokenizer_context: int = 0        # neighbouring patches each code also sees (TokenizerConfig.context)
+
+    def tokenizer_config(self, model) -> TokenizerConfig:
+        """The tokenizer these targets call for, on the backbone's patches."""
+        return TokenizerConfig(kind=self.tokenizer_kind, vocab=self.vocab, patch_size=model.patch_size,
+                               in_chans=model.in_chans, norm_pix=self.tokenizer_norm_pix,
+                               context=self.tokenizer_context, steps=self.tokenizer_steps)
 
 
 def prepare_tokenizer(tok: VisualTokenizer, cfg: TokenTargets, data, run_dir: Path, log=print) -> None:
@@ -222,9 +238,11 @@ def prepare_tokenizer(tok: VisualTokenizer, cfg: TokenTargets, data, run_dir: Pa
     path = Path(cfg.tokenizer) if cfg.tokenizer else Path(run_dir) / "tokenizer"
     if (path / "tokenizer.yaml").exists():
         loaded = load_tokenizer(path)
-        if dataclasses.asdict(loaded.cfg)["vocab"] != tok.cfg.vocab or loaded.cfg.patch_size != tok.cfg.patch_size:
-            raise ValueError(f"tokenizer {path} has vocab {loaded.cfg.vocab} / patch {loaded.cfg.patch_size}, the "
-                             f"config asks for {tok.cfg.vocab} / {tok.cfg.patch_size}")
+        differ = [f"{k} {getattr(loaded.cfg, k)} (the config asks for {getattr(tok.cfg, k)})"
+                  for k in ("kind", "vocab", "patch_size", "in_chans", "norm_pix", "context")
+                  if getattr(loaded.cfg, k) != getattr(tok.cfg, k)]
+        if differ:
+            raise ValueError(f"tokenizer {path} has {', '.join(differ)}")
         tok.load_state_dict(loaded.state_dict())
         log(f"tokenizer: loaded {path}")
         return
