@@ -4,6 +4,7 @@ cross-entropy. Two kinds, one interface (`encode`, `decode`, saved with their co
 - kmeans: nearest centroid of k-means over (normalised) patches; the simple baseline.
 - vq:     a VQ-VAE over patches: MLP encoder -> nearest code (codebook initialised by k-means,
           EMA updates, unused codes restarted from current latents) -> MLP decoder.
+With `context` each code stands for a window of patches centred on its own, not the patch alone.
 """
 from __future__ import annotations
 
