@@ -136,3 +136,17 @@ def test_tokenizer_context_codes_a_window_centred_on_each_patch():
     tok = visual.train_tokenizer(visual.TokenizerConfig(vocab=8, patch_size=2, in_chans=1, context=1, steps=20,
                                                         batch_size=8), x.repeat(8, 1, 1, 1), log=lambda *a: None)
     assert tok.encode(x).shape == (2, 16) and tok.decode(tok.encode(x)).shape == (2, 16, 36)
+
+
+def test_codes_are_the_nearest_codeword_and_the_same_under_bf16_autocast():
+    """BEiT computes its targets inside the training step's bf16 autocast: they must still be the
+    exact nearest codes, the ones the tokenizer was trained and measured with."""
+    torch.manual_seed(0)
+    tok = visual.VisualTokenizer(visual.TokenizerConfig(vocab=1024, patch_size=4, in_chans=1, context=1))
+    tok.codebook.normal_()
+    z = torch.randn(4096, tok.cfg.dim)
+    assert torch.equal(tok.quantize(z), torch.cdist(z.double(), tok.codebook.double()).argmin(1))
+    images = torch.randn(64, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = tok.encode(images)
+    assert torch.equal(under_amp, tok.encode(images))
