@@ -109,7 +109,7 @@ class VisualTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, K) codes, in fp32 under any autocast: targets are the codes the
-        tokenizer was trained and measured with (bf16 distances flipped ~1% of them)."""
+        tokenizer was trained and measured with (bf16 distances pick another code for ~1% of latents)."""
         with torch.autocast(images.device.type, enabled=False):
             return self.quantize(self.enc(self.patches(images).float()))
 
