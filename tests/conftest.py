@@ -1,8 +1,11 @@
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from imagelm import config
 from imagelm.data.sources import FASHION_MNIST_ROOT
@@ -36,3 +39,32 @@ def tiny():
 
 needs_fmnist = pytest.mark.skipif(not (Path(FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").exists(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def _rank_main(rank: int, world: int, port: int, worker, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    # gloo binds to the address the hostname resolves to; where that address is filtered (some sandboxes)
+    # the ranks' connect() never returns, so the tests pin gloo to the loopback interface.
+    lo = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if lo:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo[0])
+    torch.set_num_threads(1)
+    worker(rank, world, *args)
+
+
+def run_ranks(worker, *args, world: int = 2, timeout: float = 180.0) -> None:
+    """worker(rank, world, *args) in `world` spawned processes, with torchrun's environment on a free
+    loopback port. A rank that raises fails the test with its traceback; ranks that hang are killed
+    after `timeout` seconds and fail it too, rather than holding the suite until CI's limit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_rank_main, args=(world, port, worker, args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} gloo ranks did not finish in {timeout:.0f}s (killed)")

@@ -1,15 +1,13 @@
+import datetime
 import json
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import needs_fmnist, tiny_cfg
+from conftest import needs_fmnist, run_ranks, tiny_cfg
 from imagelm.eval.zeroshot import recall_at
 from imagelm.methods import build_method
-from test_distributed import _free_port
 
 CLIP = ("method=clip", "clip.embed_dim=16", "clip.context_length=12", "clip.text_vocab=300", "clip.text_dim=32",
         "clip.text_depth=2", "clip.text_heads=2")
@@ -29,10 +27,8 @@ def _clip():
     return build_method(tiny_cfg(*CLIP))
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
+def _worker(rank, world, out):
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         model = torch.nn.parallel.DistributedDataParallel(_clip())
         n = 8 // world
@@ -50,7 +46,7 @@ def test_two_gloo_ranks_give_the_loss_and_gradients_of_one_process(tmp_path):
     model = _clip()
     loss = model(_batch()).loss
     loss.backward()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two.pt")), nprocs=2, join=True)
+    run_ranks(_worker, str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert torch.allclose(two["loss"], loss.detach(), atol=1e-6)
     for k, p in model.named_parameters():

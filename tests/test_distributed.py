@@ -1,25 +1,13 @@
 """Two gloo processes on CPU must train exactly like one process with the same global batch."""
 import json
-import os
-import socket
 
 import torch
-import torch.multiprocessing as mp
 
-from conftest import tiny_cfg
+from conftest import run_ranks, tiny_cfg
 from imagelm import checkpoint
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, out: str) -> None:
     from imagelm.train import Trainer
     try:
         Trainer(tiny_cfg("train.steps=3"), out, progress=False).fit()
@@ -34,7 +22,7 @@ def _losses(run):
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     from imagelm.train import Trainer
     Trainer(tiny_cfg("train.steps=3"), tmp_path / "one", progress=False).fit()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    run_ranks(_worker, str(tmp_path / "two"))
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert all(abs(a - b) < 1e-5 * max(1, abs(a)) for a, b in zip(one, two))

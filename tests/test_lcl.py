@@ -1,12 +1,10 @@
-import os
+import datetime
 
 import torch
-import torch.multiprocessing as mp
 
-from conftest import tiny_cfg
+from conftest import run_ranks, tiny_cfg
 from imagelm.methods import build_method
 from imagelm.tokenizers.text import train_text_tokenizer
-from test_distributed import _free_port
 
 LCL = ("method=lcl", "lcl.embed_dim=16", "lcl.image_tokens=4", "lcl.context_length=40", "lcl.text_vocab=300",
        "lcl.text_dim=32", "lcl.text_depth=2", "lcl.text_heads=2")
@@ -80,10 +78,8 @@ def test_mean_pooled_latent_is_the_projected_mean_of_the_patch_tokens():
     assert torch.allclose(m.encode(x)[0], torch.nn.functional.normalize(m.z_proj(h.mean(1)), dim=-1), atol=1e-6)
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
+def _worker(rank, world, out):
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         m = _model()
         b = _batch(m)
@@ -102,7 +98,7 @@ def test_variable_image_counts_on_two_ranks_equal_one_process(tmp_path):
     m = _model()
     loss = m(_batch(m)).loss
     loss.backward()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    run_ranks(_worker, str(tmp_path / "r"))
     r0, r1 = (torch.load(tmp_path / f"r.{i}", weights_only=True) for i in (0, 1))
     assert torch.allclose((r0["loss"] + r1["loss"]) / 2, loss.detach(), atol=1e-5)   # DDP's mean of rank losses
     for k, p in m.named_parameters():
