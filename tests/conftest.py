@@ -44,8 +44,8 @@ needs_fmnist = pytest.mark.skipif(not (Path(FASHION_MNIST_ROOT) / "train-images-
 def _rank_main(rank: int, world: int, port: int, worker, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    # gloo binds to the address the hostname resolves to; where that address is filtered (some sandboxes)
-    # the ranks' connect() never returns, so the tests pin gloo to the loopback interface.
+    # gloo binds to the address the hostname resolves to; where the ranks cannot reach each other there
+    # (a sandbox that filters it) they wait rather than fail, so the tests pin gloo to loopback.
     lo = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
     if lo:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", lo[0])
