@@ -1,4 +1,6 @@
+import faulthandler
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -50,6 +52,7 @@ def _rank_main(rank: int, world: int, port: int, worker, args: tuple) -> None:
     if lo:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", lo[0])
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1)     # run_ranks asks a hung rank where it is before killing it
     worker(rank, world, *args)
 
 
@@ -65,6 +68,8 @@ def run_ranks(worker, *args, world: int = 2, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
-            for p in ctx.processes:
+            for p in ctx.processes:              # one at a time, so their stacks don't interleave
+                os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(0.5)
                 p.kill()
-            pytest.fail(f"{world} gloo ranks did not finish in {timeout:.0f}s (killed)")
+            pytest.fail(f"{world} gloo ranks did not finish in {timeout:.0f}s: killed, their stacks are in the captured stderr")
