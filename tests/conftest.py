@@ -68,8 +68,9 @@ def run_ranks(worker, *args, world: int = 2, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
-            for p in ctx.processes:              # one at a time, so their stacks don't interleave
+            for p in filter(lambda p: p.is_alive(), ctx.processes):   # one at a time: stacks don't interleave
                 os.kill(p.pid, signal.SIGUSR1)
                 time.sleep(0.5)
                 p.kill()
-            pytest.fail(f"{world} gloo ranks did not finish in {timeout:.0f}s: killed, their stacks are in the captured stderr")
+            pytest.fail(f"{world} gloo ranks did not finish in {timeout:.0f}s: killed; "
+                        "their stacks are in the captured stderr")
