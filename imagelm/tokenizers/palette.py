@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagelm.tokenizers.visual import kmeans
+from imagelm.tokenizers.visual import kmeans, nearest
 
 
 class Palette(nn.Module):
@@ -38,9 +38,7 @@ class Palette(nn.Module):
         """(B, C, H, W) -> (B, r*r) nearest-colour ids, in fp32 even under autocast (bf16 distances
         would hand ~3% of the pixels another colour)."""
         with torch.autocast(images.device.type, enabled=False):
-            px = self.pixels(images.float())                                          # (B, N, C)
-            d = (px.pow(2).sum(-1, keepdim=True) - 2 * px @ self.colours.T + self.colours.pow(2).sum(-1))
-        return d.argmin(-1)
+            return nearest(self.pixels(images.float()), self.colours)                 # (B, N, C) -> (B, N)
 
     def dequantize(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, r*r) ids -> (B, C, r, r) images in input units."""

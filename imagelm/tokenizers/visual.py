@@ -54,6 +54,15 @@ class TokenizerJob:
     img_size: int = 28
 
 
+def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(..., d) rows -> (...) index of the nearest row of c (K, d), in fp32 under any autocast (bf16
+    distances pick another row for ~1% of them). |c|^2 - 2 x.c in one addmm, as |x|^2 is the same for
+    every row of c: for BEiT's targets this is most of their cost per step."""
+    with torch.autocast(x.device.type, enabled=False):
+        flat, c = x.reshape(-1, x.shape[-1]).float(), c.float()
+        return torch.addmm(c.pow(2).sum(1), flat, c.T, alpha=-2).min(1).indices.view(x.shape[:-1])  # (N, K)
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
     """Lloyd's k-means on rows of x (N, d), k-means++-lite init (random distinct rows); empty
     clusters are re-seeded with the points farthest from their centroid. Returns (k, d)."""
@@ -100,11 +109,8 @@ class VisualTokenizer(nn.Module):
         return normalize_rows(x) if self.cfg.norm_pix else x
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., d) latents -> (...) nearest code indices. |c|^2 - 2 z.c in one fp32 addmm (|z|^2
-        is the same for every code); per training step this is most of the targets' cost."""
-        flat = z.reshape(-1, z.shape[-1]).float()
-        d = torch.addmm(self.codebook.pow(2).sum(1), flat, self.codebook.T, alpha=-2)   # (N, vocab)
-        return d.min(1).indices.view(z.shape[:-1])
+        """(..., d) latents -> (...) nearest code indices."""
+        return nearest(z, self.codebook)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
