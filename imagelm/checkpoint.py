@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from imagelm import parallel
+
 WEIGHTS, STATE, LATEST = "model.safetensors", "trainer.pt", "latest"
 
 
@@ -19,12 +21,28 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
+    tmp = begin(ckpt_root, step)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+    return commit(ckpt_root, step, state, keep)
+
+
+def tmp_folder(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f".tmp_step_{step:08d}"
+
+
+def begin(ckpt_root: Path, step: int) -> Path:
+    """An empty temporary folder for step's checkpoint (sharded runs: every rank writes into it)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".tmp_step_{step:08d}"
+    tmp = tmp_folder(ckpt_root, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+    return tmp
+
+
+def commit(ckpt_root: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Add the trainer state to the complete temporary folder, rename it to step_N, point
+    `latest` at it, and drop all but the `keep` newest checkpoints."""
+    final, tmp = ckpt_root / f"step_{step:08d}", tmp_folder(ckpt_root, step)
     torch.save(state, tmp / STATE)
     if final.exists():
         shutil.rmtree(final)
@@ -41,11 +59,25 @@ def latest(ckpt_root: Path) -> Path | None:
     if not f.exists():
         return None
     path = ckpt_root / f.read_text().strip()
-    return path if (path / WEIGHTS).exists() else None
+    return path if (path / WEIGHTS).exists() or parallel.has_sharded(path) else None
 
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full weights: the safetensors file, or those consolidated from a sharded checkpoint's
+    shards (`imagelm consolidate RUN` writes them once as model.safetensors)."""
+    if not (ckpt / WEIGHTS).exists() and parallel.has_sharded(ckpt):
+        return parallel.consolidate(ckpt)
     return load_file(str(ckpt / WEIGHTS))
+
+
+def consolidate(ckpt: Path) -> Path:
+    """Write a sharded checkpoint's full weights as model.safetensors beside its shards."""
+    path = ckpt / WEIGHTS
+    if not path.exists():
+        tmp = ckpt / f".{WEIGHTS}.tmp"
+        save_file({k: v.contiguous() for k, v in parallel.consolidate(ckpt).items()}, str(tmp))
+        os.replace(tmp, path)
+    return path
 
 
 def load_state(ckpt: Path) -> dict:

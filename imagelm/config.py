@@ -62,6 +62,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"     # under torchrun: replicate (ddp) or shard per block (fsdp)
+    activation_checkpointing: bool = False       # recompute each block's activations in backward
     compile: bool = False
     ckpt_every: int = 1000      # steps
     keep_ckpts: int = 2

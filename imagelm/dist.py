@@ -1,6 +1,7 @@
 """torch.distributed helpers: the same code runs as one process or under torchrun."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -8,9 +9,10 @@ import torch.distributed as dist
 
 
 def init() -> tuple[int, int, torch.device]:
-    """(rank, world, device); starts the process group when launched by torchrun."""
+    """(rank, world, device); starts the process group when launched by torchrun (also with one
+    process, so that `torchrun --nproc_per_node=1` runs the same sharded code as N ranks)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
@@ -18,6 +20,10 @@ def init() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    return dist.is_initialized()
 
 
 def world_size() -> int:
@@ -47,6 +53,21 @@ def bf16_supported(device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device | str, bf16: bool):
+    """The one autocast every training and evaluation path uses: bf16 on the run's device type."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its inputs go there)."""
+    p = next(module.parameters(), None)
+    if p is None:
+        p = next(module.buffers(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 class _GatherWithGrad(torch.autograd.Function):

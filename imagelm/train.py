@@ -2,7 +2,6 @@
 method's insides: `method(batch) -> Output(loss, metrics)`."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -12,9 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-from imagelm import checkpoint, dist
+from imagelm import checkpoint, dist, parallel
 from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
@@ -80,25 +77,29 @@ class Trainer:
         self._check_resume(resume)
 
         torch.manual_seed(t.seed)
-        self.method = build_method(cfg).to(self.device)
+        self.method = build_method(cfg)
         self.data = sources.load(cfg.data, cfg.model, "train")
         if self.data.skipped and self.rank == 0:
             print(f"skipped {self.data.skipped} unreadable images")
         if hasattr(self.method, "prepare"):   # fit (or, on resume, load) a tokenizer; tokenize the text
+            # on the CPU, beside the data, before the method moves: what it fits lands on the device with it
             self.method.prepare(self.data, self.out, log=print if self.rank == 0 else lambda *a: None)
+        self.method.to(self.device)
         self.loader = BatchLoader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
                                   self.rank, self.world, self.device)
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dist.bf16_supported(self.device))
+        self.autocast = lambda: dist.autocast(self.device, use_bf16)
+        self.precision = "bf16" if use_bf16 else "fp32"
+        # ddp or fsdp (+ activation checkpointing); fsdp shards the parameters in place, so the
+        # optimizer is built on what wrap() leaves
+        self.model = parallel.wrap(self.method, t, use_bf16)
+        self.sharded = t.parallel == "fsdp"
         self.opt = torch.optim.AdamW(param_groups(self.method, t.weight_decay), lr=t.lr, betas=t.betas,
                                      fused=True)
-        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dist.bf16_supported(self.device))
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
-            else contextlib.nullcontext
-        self.precision = "bf16" if use_bf16 else "fp32"
         self.step, self.total = 0, t.steps or max(1, round(t.epochs * self.loader.steps_per_epoch))
         self.planned = self.total    # what the config asks; --minutes fits the total below it
         if self.resume_from is not None:
             self._load(self.resume_from)
-        self.model = DDP(self.method) if self.world > 1 else self.method
         if t.compile:
             check_compiler(self.device)
             self.model = torch.compile(self.model)
@@ -123,21 +124,40 @@ class Trainer:
             cfg_path.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def _state(self) -> dict:
-        return {"step": self.step, "total": self.total, "optimizer": self.opt.state_dict(),
-                "rng_cpu": torch.get_rng_state()}
+        state = {"step": self.step, "total": self.total, "rng_cpu": torch.get_rng_state()}
+        if not self.sharded:    # sharded runs keep the optimizer in DCP shards beside the weights
+            state["optimizer"] = self.opt.state_dict()
+        return state
 
     def _load(self, ckpt: Path) -> None:
-        self.method.load_state_dict(checkpoint.load_weights(ckpt))
+        if self.sharded:
+            if not parallel.has_sharded(ckpt):
+                raise ConfigError(f"{ckpt} is not a sharded (train.parallel=fsdp) checkpoint")
+            parallel.load_sharded(ckpt, self.method, self.opt)
+        else:
+            self.method.load_state_dict(checkpoint.load_weights(ckpt))
         state = checkpoint.load_state(ckpt)
-        self.opt.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.opt.load_state_dict(state["optimizer"])
         self.step, self.total = state["step"], state["total"]
         torch.set_rng_state(state["rng_cpu"])
 
     def save(self) -> Path | None:
-        path = None
+        """Write the checkpoint of this step: one safetensors file from rank 0, or under fsdp every
+        rank's shards; either way in a temporary folder that becomes `latest` only when complete."""
+        t = self.cfg.train
+        if not self.sharded:
+            path = None
+            if self.rank == 0:
+                path = checkpoint.save(self.ckpt_root, self.step, self.method.state_dict(), self._state(), t.keep_ckpts)
+            dist.barrier()
+            return path
         if self.rank == 0:
-            path = checkpoint.save(self.ckpt_root, self.step, self.method.state_dict(), self._state(),
-                                   self.cfg.train.keep_ckpts)
+            checkpoint.begin(self.ckpt_root, self.step)
+        dist.barrier()
+        parallel.save_sharded(checkpoint.tmp_folder(self.ckpt_root, self.step), self.method, self.opt)
+        dist.barrier()
+        path = checkpoint.commit(self.ckpt_root, self.step, self._state(), t.keep_ckpts) if self.rank == 0 else None
         dist.barrier()
         return path
 
@@ -151,9 +171,8 @@ class Trainer:
         loss_sum, metrics = torch.zeros((), device=self.device), {}
         for i in range(t.accum_steps):
             mb = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
-            last = i == t.accum_steps - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
-            with sync, self.autocast():
+            with parallel.no_sync(self.method if self.sharded else self.model, i == t.accum_steps - 1), \
+                    self.autocast():
                 out = self.model(mb)
             (out.loss / t.accum_steps).backward()
             loss_sum += out.loss.detach() / t.accum_steps
@@ -165,7 +184,7 @@ class Trainer:
             last = checkpoint.latest(self.ckpt_root)
             raise TrainingDiverged(f"loss is {loss} at step {step}; stopped before the update. The last good "
                                    f"checkpoint is {last or 'none (no checkpoint was written yet)'}")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+        gnorm = parallel.grad_norm_clip(self.method.parameters(), t.grad_clip) if t.grad_clip > 0 else None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         row = {"loss": loss, "lr": self.opt.param_groups[0]["lr"], **metrics}

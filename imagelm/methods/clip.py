@@ -50,7 +50,7 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=model.dim ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=cfg.text_dim ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.logit_scale = logit_scale(cfg.init_temperature, self)
         self.tokenizer, self.eot_id = None, 0
 
     def prepare(self, data, run_dir, log=print) -> None:
@@ -85,6 +85,17 @@ class CLIP(nn.Module):
         loss, logits = self.loss(self.encode_image(batch["image"]), self.encode_text(batch["text"]))
         acc = (logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
         return Output(loss, {"i2t_acc": acc, "logit_scale": self.logit_scale.detach().exp()})
+
+
+def logit_scale(init_temperature: float, owner: nn.Module) -> nn.Parameter:
+    """ln(1 / temperature), learned, as a 1-element vector: FSDP shards no 0-d parameter. Weights
+    saved when it was a scalar still load into `owner`."""
+    def accept_scalar(module, state_dict, prefix, *args):
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+    owner.register_load_state_dict_pre_hook(accept_scalar)
+    return nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,

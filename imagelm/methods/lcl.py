@@ -21,6 +21,7 @@ from torch import nn
 from imagelm import dist
 from imagelm.config import ConfigError, ModelConfig
 from imagelm.methods import Output, register
+from imagelm.methods.clip import logit_scale
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.heads import AttentionPool
 from imagelm.nn.vit import ViT
@@ -65,7 +66,7 @@ class LCL(nn.Module):
         self.lm = TokenTransformer(cfg.text_vocab, cfg.context_length, cfg.text_dim, cfg.text_depth, cfg.text_heads,
                                    model.mlp_ratio, model.bias, model.norm_eps, causal=True, out=cfg.text_vocab)
         self.ctx_proj = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.logit_scale = logit_scale(cfg.init_temperature, self)
         self.tokenizer = None
 
     # --- data: documents -> token sequences with image slots ------------------------------------
@@ -152,7 +153,7 @@ class LCL(nn.Module):
         target, _ = dist.gather_varying((ask.nonzero().flatten() + offset).float()[:, None])
         target = target.flatten().long()
         if len(queries) == 0:      # nothing to predict in the whole batch; keep every parameter in the graph
-            return (z.sum() + ctx.sum() + self.logit_scale) * 0.0, torch.tensor(0.0)
+            return (z.sum() + ctx.sum() + self.logit_scale.sum()) * 0.0, torch.tensor(0.0)
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         logits = scale * queries.float() @ keys.float().T                             # (q, n_all)
         back = logits.T[target]                                                        # (q, q): each image vs contexts
@@ -180,7 +181,7 @@ class LCL(nn.Module):
         for m in unused.get(self.cfg.objective, []):
             loss = loss + 0.0 * sum(p.sum() for p in m.parameters())
         if self.cfg.objective == "generation":
-            loss = loss + 0.0 * self.logit_scale
+            loss = loss + 0.0 * self.logit_scale.sum()
         return Output(loss, metrics)
 
     @torch.no_grad()

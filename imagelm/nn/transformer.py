@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 MaskMode = Literal["full", "causal", "prefix"]
 
@@ -142,6 +143,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), bias)
         self.experts = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim, eps=eps, bias=bias),
                                                    MLP(dim, int(dim * mlp_ratio), bias)) for _ in range(experts - 1))
+        self.checkpointing = False     # recompute this block's activations in backward (train.activation_checkpointing)
 
     def ffn(self, x: torch.Tensor, route: list[int] | None) -> torch.Tensor:
         """route: one expert id per position (shared by the batch), or None = all vision."""
@@ -161,6 +163,11 @@ class Block(nn.Module):
 
     def forward(self, x, mask=None, is_causal=False, cache: KVCache | None = None, layer: int = 0,
                 route: list[int] | None = None):
+        if self.checkpointing and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, mask, is_causal, None, layer, route, use_reentrant=False)
+        return self._forward(x, mask, is_causal, cache, layer, route)
+
+    def _forward(self, x, mask, is_causal, cache, layer, route):
         x = x + self.attn(self.norm1(x), mask, is_causal, cache, layer)
         return x + self.ffn(x, route)
 
