@@ -2,7 +2,6 @@
 run a timm VisionTransformer of the same width/depth/patch trained with the same head and loss."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import statistics
 import time
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from imagelm import dist
+from imagelm import dist, parallel
 from imagelm.config import Config
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
@@ -55,16 +54,15 @@ def time_steps(model: nn.Module, batches: list[dict], steps: int, bf16: bool, de
     """Median seconds of a full training step (forward, backward, AdamW) after warm-up."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
                             fused=True)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     times = []
     for i in range(steps + 3):
         batch = batches[i % len(batches)]
         _sync(device)
         t0 = time.perf_counter()
-        with amp:
+        with dist.autocast(device, bf16):
             loss = model(batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        parallel.grad_norm_clip(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -158,11 +156,16 @@ PEERS = {"aim": TimmAIM}
 
 
 def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True) -> dict:
-    _, _, device = dist.init()
+    """One process's (one GPU's) training step at `batch_size`, as the trainer runs it: under
+    torchrun with train.parallel=fsdp the method is sharded (FSDP2) and with
+    train.activation_checkpointing=true its blocks recompute; FLOPs and MFU count the model's
+    FLOPs (recomputation is not useful work), memory is the step's peak."""
+    _, world, device = dist.init()
     bf16 = dist.bf16_supported(device)
     torch.manual_seed(0)
     data = sources.load(cfg.data, cfg.model, "train")
-    method = build_method(cfg).to(device)
+    with torch.device(device):       # built in place: a multi-billion-parameter model inits in seconds, not minutes
+        method = build_method(cfg)
     loader = BatchLoader(data, cfg.data, batch_size, seed=0, noise_dim=method.noise_dim, device=device)
     batches = [loader.batch(i) for i in range(5)][1:]
     _sync(device)
@@ -170,22 +173,15 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     loader.batch(5)
     _sync(device)
     data_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in method.parameters())
     res = {"recipe_method": cfg.method, "device": str(device), "precision": "bf16" if bf16 else "fp32",
-           "batch_size": batch_size, "torch": torch.__version__,
+           "batch_size": batch_size, "torch": torch.__version__, "param_count": params,
+           "parallel": cfg.train.parallel if dist.is_distributed() else "none", "ranks": world,
+           "activation_checkpointing": cfg.train.activation_checkpointing,
            "peak_matmul_gflops_fp32": matmul_peak(torch.float32, device)}
     res["peak_matmul_gflops"] = matmul_peak(torch.bfloat16, device) if bf16 else res["peak_matmul_gflops_fp32"]
     flops = step_flops(method, batches[0])
-    # train.compile=true times the torch.compile'd step, as the trainer would run it (FLOPs: eager)
-    if cfg.train.compile:
-        check_compiler(device)
-    compiled = torch.compile if cfg.train.compile else (lambda m: m)
-    res["compiled"] = cfg.train.compile
-    sec = time_steps(compiled(method), batches, steps, bf16, device)
-    res.update(img_per_s=batch_size / sec, step_s=sec, data_s_per_batch=data_s, flops_per_img=flops / batch_size,
-               achieved_gflops=flops / sec / 1e9)
-    res["mfu"] = res["achieved_gflops"] / res["peak_matmul_gflops"]
-    with torch.inference_mode(), (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                                  else contextlib.nullcontext()):
+    with torch.inference_mode(), dist.autocast(device, bf16):
         x = batches[0]["image"]
         method.encoder.features(x)
         _sync(device)
@@ -194,8 +190,28 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
             method.encoder.features(x)
         _sync(device)
         res["features_img_per_s"] = 3 * len(x) / (time.perf_counter() - t0)
+    # train.compile=true times the torch.compile'd step, as the trainer would run it (FLOPs: eager)
+    if cfg.train.compile:
+        check_compiler(device)
+    compiled = torch.compile if cfg.train.compile else (lambda m: m)
+    res["compiled"] = cfg.train.compile
+    model = parallel.wrap(method, cfg.train, bf16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = time_steps(compiled(model), batches, steps, bf16, device)
+    res.update(img_per_s=batch_size / sec, step_s=sec, data_s_per_batch=data_s, flops_per_img=flops / batch_size,
+               achieved_gflops=flops / sec / 1e9)
+    res["mfu"] = res["achieved_gflops"] / res["peak_matmul_gflops"]
+    # memory: the step's peak (CUDA: allocated; CPU: the process's peak resident set), and what it
+    # implies per GPU for DDP and FSDP: the training state (16 bytes a parameter) replicated or
+    # sharded, plus the activations measured here (the peak less this rank's training state)
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else _rss_mb("VmHWM") / 1e3
+    state_gb = 16 * params / (world if parallel.is_sharded(model) else 1) / 1e9
+    res["peak_mem_gb" if device.type == "cuda" else "peak_rss_gb"] = peak_gb
+    res["memory_plan"] = parallel.memory_plan(params, max(0.0, peak_gb - state_gb))
+    sharded = parallel.is_sharded(model)
     # the method's own ablations (e.g. MAE's full-sequence encoder): speedup = their step time / ours
-    for key, changes in getattr(method.Config, "BENCH_ABLATIONS", {}).items():
+    for key, changes in ({} if sharded else getattr(method.Config, "BENCH_ABLATIONS", {})).items():
         torch.manual_seed(0)
         variant = type(method)(cfg.model, dataclasses.replace(cfg.objective, **changes)).to(device)
         res[key] = time_steps(compiled(variant), batches, steps, bf16, device) / sec
@@ -203,7 +219,9 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     if hasattr(method, "benchmarks"):    # measurements only that method has (e.g. iGPT's KV cache)
         res.update(method.benchmarks(cfg, device))
     res.update(timm_img_per_s=None, ratio_vs_timm=None)
-    if peer and cfg.method not in PEERS:
+    if peer and sharded:
+        res["timm_error"] = "no timm peer under fsdp (the peer shares the method's head, which fsdp shards)"
+    elif peer and cfg.method not in PEERS:
         res["timm_error"] = f"no timm peer is defined for {cfg.method}"
     elif peer:
         try:
@@ -228,6 +246,11 @@ def report(res: dict) -> str:
              f"MFU {100 * res['mfu']:.1f}% ({res['flops_per_img'] / 1e6:.0f} MFLOP/img per step)",
              f"feature extraction: {res['features_img_per_s']:.0f} img/s; data pipeline "
              f"{1000 * res['data_s_per_batch']:.0f} ms/batch"]
+    plan, peak = res["memory_plan"], res.get("peak_mem_gb", res.get("peak_rss_gb"))
+    lines.append(f"{res['param_count'] / 1e6:.1f}M parameters ({res['parallel']}, {res['ranks']} rank(s)"
+                 f"{', activation checkpointing' if res['activation_checkpointing'] else ''}): peak memory "
+                 f"{peak:.2f} GB; per GPU with AdamW: DDP {plan['ddp_gb']:.1f} GB, FSDP "
+                 + ", ".join(f"{v:.1f} GB at {n}" for n, v in plan["fsdp_gb"].items()))
     for key in [k for k in res if k.endswith("_speedup")]:
         ideal = res.get(key.replace("_speedup", "_flop_ratio"))
         lines.append(f"{key}: {res[key]:.2f}x" + (f" (FLOP ratio {ideal:.2f}x)" if ideal else ""))

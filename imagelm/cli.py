@@ -43,7 +43,7 @@ def cmd_compare(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from imagelm import checkpoint, viz
+    from imagelm import checkpoint, dist, viz
     from imagelm.data import sources
     from imagelm.data.transforms import normalize
     from imagelm.methods import build_method
@@ -54,9 +54,10 @@ def cmd_sample(args) -> int:
     ckpt = checkpoint.latest(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint")
+    _, _, device = dist.init()
     method = build_method(cfg)
     method.load_state_dict(checkpoint.load_weights(ckpt))
-    method.eval()
+    method.to(device).eval()
     needed = "reconstruct" if args.reconstruct else "complete"
     if not hasattr(method, needed):
         kind = "masked image modeling" if args.reconstruct else "autoregressive pixel (igpt)"
@@ -64,7 +65,7 @@ def cmd_sample(args) -> int:
     data = sources.load(cfg.data, cfg.model, "test")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[: args.n]
-    x = normalize(data.images[idx], data.mean, data.std)
+    x = normalize(data.images[idx], data.mean, data.std).to(device)
     m = torch.tensor(data.mean).view(1, -1, 1, 1)
     s = torch.tensor(data.std).view(1, -1, 1, 1)
     show = lambda t: t * s + m  # noqa: E731  (back to [0, 1] pixels)
@@ -72,7 +73,7 @@ def cmd_sample(args) -> int:
         columns, what = _reconstructions(method, cfg, x, g, m, s)
     else:
         columns, what = _completions(method, cfg, x, g, args)
-    out = viz.image_grid([show(c) for c in columns], Path(args.out))
+    out = viz.image_grid([show(c.float().cpu()) for c in columns], Path(args.out))
     print(f"wrote {out}: columns = {what}")
     return 0
 
@@ -82,7 +83,8 @@ def _reconstructions(method, cfg, x, g, m, s):
 
     from imagelm.nn.embed import patchify, unpatchify
 
-    pred, mask = method.reconstruct(x, torch.rand(len(x), method.noise_dim, generator=g))
+    pred, mask = method.reconstruct(x, torch.rand(len(x), method.noise_dim, generator=g).to(x.device))
+    x, pred, mask = x.cpu(), pred.cpu(), mask.cpu()
     p, c = cfg.model.patch_size, cfg.model.in_chans
     patches = patchify(x, p)
     hidden = mask[..., None].bool()

@@ -46,7 +46,9 @@ def wrap(method: nn.Module, train_cfg, bf16: bool) -> nn.Module:
         return DDP(method)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+    # bf16 gathers on GPUs (CPU autocast leaves layer norms to meet bf16 weights with fp32 inputs)
+    cuda = dist.module_device(method).type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and cuda \
         else MixedPrecisionPolicy()
     for unit in shard_units(method):
         fully_shard(unit, mp_policy=mp)

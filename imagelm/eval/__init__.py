@@ -128,6 +128,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         else:   # untrained, but with the run's fitted preprocessing (e.g. iGPT's palette): buffers only
             buffers = dict(method.named_buffers())
             method.load_state_dict({k: v for k, v in weights.items() if k in buffers}, strict=False)
+        method.to(device)
         (f_train, f_test), tok = encoder_features(method)
         r = run_probes(f_train, f_test, train.labels, test.labels, classes, probes, cfg.eval, tok, log)
         if name == "pretrained":
@@ -167,8 +168,9 @@ def latent_stats(method, test: sources.ImageData, bf16: bool, n: int = 5000) -> 
     from imagelm.data.transforms import normalize
 
     method.eval()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        z = torch.cat([method.latents(normalize(b, test.mean, test.std)).float()
+    device = dist.module_device(method)
+    with torch.inference_mode(), dist.autocast(device, bf16):
+        z = torch.cat([method.latents(normalize(b, test.mean, test.std).to(device)).float().cpu()
                        for b in test.images[:n].split(1024)])
     return {"effective_rank": P.effective_rank(z), "dim": z.shape[1], "mean_std": z.std(0).mean().item()}
 

@@ -4,7 +4,6 @@ pretraining loss on the same images (iGPT's joint objective L = L_clf + w * L_ge
 limits the labelled training set (low-data regime)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagelm import dist
 from imagelm.data.loader import BatchLoader
 from imagelm.data.sources import ImageData
 from imagelm.data.transforms import normalize
@@ -86,8 +86,7 @@ def fit(params: nn.Module, loader: BatchLoader, steps: int, lr: float, loss_fn, 
 
 
 def _amp(device, bf16: bool):
-    return (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 \
-        else contextlib.nullcontext
+    return lambda: dist.autocast(device, bf16)
 
 
 @dataclasses.dataclass

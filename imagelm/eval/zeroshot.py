@@ -3,9 +3,9 @@ zero-shot classification from an ensemble of prompt templates (as open_clip), an
 retrieval R@1/5/10 on held-out scenes (one caption per image)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from imagelm import dist
 
 # open_clip-style templates; none is a training caption template, so this measures transfer
 PROMPTS = ["a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
@@ -19,21 +19,20 @@ CLASSNAMES = {"fashion-mnist": ["t-shirt", "pair of trousers", "pullover", "dres
                                 "sneaker", "bag", "ankle boot"]}
 
 
-def _amp(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def embed_images(model, images: torch.Tensor, batch_size: int = 1024, bf16: bool = True) -> torch.Tensor:
-    with _amp(bf16):
-        return torch.cat([model.encode_image(b).float() for b in images.split(batch_size)])
+    """(N, E) on the CPU; the batches run where the model is."""
+    device = dist.module_device(model)
+    with dist.autocast(device, bf16):
+        return torch.cat([model.encode_image(b.to(device)).float().cpu() for b in images.split(batch_size)])
 
 
 @torch.inference_mode()
 def embed_texts(model, texts: list[str], batch_size: int = 1024, bf16: bool = True) -> torch.Tensor:
+    device = dist.module_device(model)
     tokens = model.tokenize(texts)
-    with _amp(bf16):
-        return torch.cat([model.encode_text(b).float() for b in tokens.split(batch_size)])
+    with dist.autocast(device, bf16):
+        return torch.cat([model.encode_text(b.to(device)).float().cpu() for b in tokens.split(batch_size)])
 
 
 def class_embeddings(model, classes: list[str], prompts=PROMPTS, bf16: bool = True) -> torch.Tensor:
