@@ -180,7 +180,9 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
            "activation_checkpointing": cfg.train.activation_checkpointing,
            "peak_matmul_gflops_fp32": matmul_peak(torch.float32, device)}
     res["peak_matmul_gflops"] = matmul_peak(torch.bfloat16, device) if bf16 else res["peak_matmul_gflops_fp32"]
-    flops = step_flops(method, batches[0])
+    # counted on two samples and scaled (FLOPs per image do not depend on the batch): counting the
+    # whole batch would hold every block's activations, which a model that needs recomputation can't
+    flops = step_flops(method, {k: v[:2] for k, v in batches[0].items()}) * batch_size / 2
     with torch.inference_mode(), dist.autocast(device, bf16):
         x = batches[0]["image"]
         method.encoder.features(x)

@@ -137,6 +137,16 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    from imagelm import checkpoint
+
+    ckpt = checkpoint.latest(Path(args.run) / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{args.run} has no checkpoint")
+    print(f"full weights: {checkpoint.consolidate(ckpt)}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from imagelm.bench import bench, report
 
@@ -221,6 +231,13 @@ def main(argv=None) -> int:
     t.add_argument("--minutes", type=float)
     t.add_argument("--json", action="store_true", help="print {codebook_usage, recon_mse, ...} as JSON")
     t.set_defaults(fn=cmd_tokenizer)
+
+    s = sub.add_parser("consolidate", help="a sharded (fsdp) run's full weights as one safetensors file",
+                       description="Gather the latest checkpoint's shards (written by every rank of a train.parallel=fsdp "
+                       "run) into RUN/checkpoints/step_N/model.safetensors, in one process. eval and export read the "
+                       "shards themselves; this writes the file once, e.g. to copy it elsewhere.")
+    s.add_argument("run")
+    s.set_defaults(fn=cmd_consolidate)
 
     s = sub.add_parser("bench", help="throughput, FLOP/s and MFU of a recipe vs timm",
                        description="Measured matmul peak, training-step throughput, achieved FLOP/s and MFU for a "
