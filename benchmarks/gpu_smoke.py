@@ -50,7 +50,7 @@ PLAN = {
     "beit-base": (PAPER + ["beit.tokenizer_steps=20", "beit.vocab=512"], []),
     "clip-vit-b16": (["model.depth=2", "model.in_chans=1", "clip.text_depth=2", "clip.text_vocab=2048"] + CORPUS,
                      ["--probe", "none", "--zero-shot", "--retrieval"]),
-    "beit3-base": (["model.depth=2", "model.in_chans=1", "beit3.tokenizer_steps=20", "beit3.vocab=512",
+    "beit3-base": (["model.depth=2", "beit3.vl_layers=1", "model.in_chans=1", "beit3.tokenizer_steps=20", "beit3.vocab=512",
                     "beit3.text_vocab=2048"] + CORPUS, ["--probe", "none", "--zero-shot", "--retrieval", "--itm"]),
 }
 SAMPLES = {"mae-tiny": ["--reconstruct", "--n", "4"], "igpt-tiny": ["--complete", "top-half", "--n", "2", "--samples", "1"]}

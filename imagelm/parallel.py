@@ -52,7 +52,10 @@ def wrap(method: nn.Module, train_cfg, bf16: bool) -> nn.Module:
         else MixedPrecisionPolicy()
     for unit in shard_units(method):
         fully_shard(unit, mp_policy=mp)
-    fully_shard(method, mp_policy=mp)      # embeddings, norms, projections: the root unit
+    # frozen parts (a fitted visual tokenizer) stay whole, in their own dtype, on every rank:
+    # nothing to reduce, and they compute in fp32 by design
+    frozen = {p for p in method.parameters() if not p.requires_grad}
+    fully_shard(method, mp_policy=mp, ignored_params=frozen or None)   # embeddings, norms, heads: the root unit
     return method
 
 

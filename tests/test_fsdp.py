@@ -36,6 +36,13 @@ def _aim_worker(rank, world, root):
         if rank == 0:
             torch.save(full, root / "live.pt")
         Trainer(tiny_cfg(*FSDP, "train.activation_checkpointing=true"), root / "fsdp_ac", progress=False).fit()
+        # a frozen tokenizer (BEiT's targets) is left whole: only trainable parameters are sharded
+        from torch.distributed.tensor import DTensor
+
+        from imagelm.methods import build_method
+        beit = parallel.wrap(build_method(tiny_cfg("method=beit", "beit.vocab=16")), t.cfg.train, bf16=True)
+        assert all(isinstance(p, DTensor) == p.requires_grad for p in beit.parameters())
+        assert any(not p.requires_grad for p in beit.parameters())
         Trainer(tiny_cfg(*FSDP), root / "cut", progress=False).fit(until=2)       # interrupted at step 2
         if rank == 0:
             shutil.copytree(root / "cut", root / "cut_one_rank")
