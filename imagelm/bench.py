@@ -15,7 +15,7 @@ from imagelm import dist, parallel
 from imagelm.config import Config
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
-from imagelm.methods import build_method
+from imagelm.methods import HasBenchmarks, HasTimmPeer, build_method, methods_with
 from imagelm.train import check_compiler
 
 
@@ -125,36 +125,6 @@ def profile_step(cfg: Config, batch_size: int, device: torch.device, steps: int 
         p.join()
 
 
-class TimmAIM(nn.Module):
-    """The peer: timm's VisionTransformer as the trunk (same width, depth, heads, patch, prefix
-    mask), with our AIM head and loss, so only the backbone implementation differs."""
-
-    def __init__(self, method, cfg: Config):
-        super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
-
-        m = cfg.model
-        self.aim = method
-        self.vit = VisionTransformer(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
-                                     num_classes=0, embed_dim=m.dim, depth=m.depth, num_heads=m.heads,
-                                     mlp_ratio=m.mlp_ratio, qkv_bias=m.bias, class_token=False,
-                                     global_pool="", no_embed_class=True)
-
-    def forward(self, batch):
-        from imagelm.methods import Output
-        from imagelm.nn.transformer import attention_mask
-
-        images, noise = batch["image"], batch["noise"]
-        order, S = self.aim.sample_order(noise), self.aim.sample_prefix(noise)
-        mask = attention_mask("prefix", order.shape[1], S, images.device)
-        z = self.vit.forward_features(images, attn_mask=mask)
-        return Output(self.aim.loss(self.aim.decode(z, order), self.aim.targets(images), S))
-
-
-# peers: a timm trunk with the method's own head and loss, by method name
-PEERS = {"aim": TimmAIM}
-
-
 def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True) -> dict:
     """One process's (one GPU's) training step at `batch_size`, as the trainer runs it: under
     torchrun with train.parallel=fsdp the method is sharded (FSDP2) and with
@@ -213,21 +183,22 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     res["memory_plan"] = parallel.memory_plan(params, max(0.0, peak_gb - state_gb))
     sharded = parallel.is_sharded(model)
     # the method's own ablations (e.g. MAE's full-sequence encoder): speedup = their step time / ours
-    for key, changes in ({} if sharded else getattr(method.Config, "BENCH_ABLATIONS", {})).items():
+    for key, changes in ({} if sharded else method.bench_ablations).items():
         torch.manual_seed(0)
         variant = type(method)(cfg.model, dataclasses.replace(cfg.objective, **changes)).to(device)
         res[key] = time_steps(compiled(variant), batches, steps, bf16, device) / sec
         res[key.replace("_speedup", "_flop_ratio")] = step_flops(variant, batches[0]) / flops   # the ideal speedup
-    if hasattr(method, "benchmarks"):    # measurements only that method has (e.g. iGPT's KV cache)
-        res.update(method.benchmarks(cfg, device))
+    if isinstance(method, HasBenchmarks):    # measurements only that method has (e.g. iGPT's KV cache)
+        res.update(method.benchmarks(cfg, device, profile_step))
     res.update(timm_img_per_s=None, ratio_vs_timm=None)
     if peer and sharded:
         res["timm_error"] = "no timm peer under fsdp (the peer shares the method's head, which fsdp shards)"
-    elif peer and cfg.method not in PEERS:
-        res["timm_error"] = f"no timm peer is defined for {cfg.method}"
+    elif peer and not isinstance(method, HasTimmPeer):
+        res["timm_error"] = (f"no timm peer for {cfg.method}: methods with one: "
+                             f"{', '.join(methods_with(HasTimmPeer))}")
     elif peer:
         try:
-            peer_model = PEERS[cfg.method](method, cfg).to(device)
+            peer_model = method.timm_peer(cfg).to(device)
         except ImportError as e:
             res["timm_error"] = (f"timm is not importable ({e}); `make peers` builds .venv-peers with torch 2.14.1, "
                                  f"torchvision and timm, then run .venv-peers/bin/imagelm bench")

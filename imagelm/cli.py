@@ -58,10 +58,11 @@ def cmd_sample(args) -> int:
     method = build_method(cfg)
     method.load_state_dict(checkpoint.load_weights(ckpt))
     method.to(device).eval()
-    needed = "reconstruct" if args.reconstruct else "complete"
-    if not hasattr(method, needed):
-        kind = "masked image modeling" if args.reconstruct else "autoregressive pixel (igpt)"
-        raise config.ConfigError(f"method '{cfg.method}' cannot {needed}: --{needed} is for {kind} runs")
+    from imagelm.methods import Completes, Reconstructs, require
+    if args.reconstruct:
+        require(method, Reconstructs, "sample --reconstruct")
+    else:
+        require(method, Completes, "sample --complete")
     data = sources.load(cfg.data, cfg.model, "test")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[: args.n]

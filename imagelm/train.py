@@ -15,7 +15,7 @@ from imagelm import checkpoint, dist, parallel
 from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
-from imagelm.methods import build_method
+from imagelm.methods import PreparesData, build_method
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,7 +81,12 @@ class Trainer:
         self.data = sources.load(cfg.data, cfg.model, "train")
         if self.data.skipped and self.rank == 0:
             print(f"skipped {self.data.skipped} unreadable images")
-        if hasattr(self.method, "prepare"):   # fit (or, on resume, load) a tokenizer; tokenize the text
+        if t.accum_steps > 1 and self.method.couples_samples:
+            raise ConfigError(f"train.accum_steps={t.accum_steps}: {cfg.method}'s loss pairs the samples of a batch "
+                              f"(contrastive), so micro-batches would shrink its negatives to "
+                              f"{t.batch_size // t.accum_steps}; use train.accum_steps=1 (and more ranks or memory "
+                              f"for a large batch)")
+        if isinstance(self.method, PreparesData):   # fit (or, on resume, load) a tokenizer; tokenize the text
             # on the CPU, beside the data, before the method moves: what it fits lands on the device with it
             self.method.prepare(self.data, self.out, log=print if self.rank == 0 else lambda *a: None)
         self.method.to(self.device)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagelm.config import ModelConfig
-from imagelm.methods import Output, register
+from imagelm.methods import Method, Output, register
 from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import ResidualMLPHead
 from imagelm.nn.transformer import attention_mask
@@ -58,7 +58,7 @@ def patch_order(kind: str, grid: int, noise: torch.Tensor | None = None) -> torc
 
 
 @register("aim")
-class AIM(nn.Module):
+class AIM(Method):
     Config = AIMConfig
 
     def __init__(self, model: ModelConfig, cfg: AIMConfig):
@@ -133,3 +133,28 @@ class AIM(nn.Module):
         target = target.gather(1, order[..., None].expand(-1, -1, target.shape[-1]))
         pred = self.decode(self.encode(images, order, S), order)
         return Output(self.loss(pred, target, S))
+
+    def timm_peer(self, cfg) -> nn.Module:
+        return TimmTrunk(self, cfg.model)
+
+
+class TimmTrunk(nn.Module):
+    """`imagelm bench`'s peer: timm's VisionTransformer as the trunk (same width, depth, heads,
+    patch, prefix mask) under this AIM's head and loss, so only the backbone implementation differs."""
+
+    def __init__(self, aim: AIM, model: ModelConfig):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.aim = aim
+        self.vit = VisionTransformer(img_size=model.img_size, patch_size=model.patch_size, in_chans=model.in_chans,
+                                     num_classes=0, embed_dim=model.dim, depth=model.depth, num_heads=model.heads,
+                                     mlp_ratio=model.mlp_ratio, qkv_bias=model.bias, class_token=False,
+                                     global_pool="", no_embed_class=True)
+
+    def forward(self, batch: dict) -> Output:
+        images, noise = batch["image"], batch["noise"]
+        order, S = self.aim.sample_order(noise), self.aim.sample_prefix(noise)
+        mask = attention_mask("prefix", order.shape[1], S, images.device)
+        z = self.vit.forward_features(images, attn_mask=mask)
+        return Output(self.aim.loss(self.aim.decode(z, order), self.aim.targets(images), S))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagelm.config import ModelConfig
-from imagelm.methods import Output, register
+from imagelm.methods import Method, Output, register
 from imagelm.nn.vit import ViT
 from imagelm.tokenizers.visual import TokenTargets, VisualTokenizer, prepare_tokenizer
 
@@ -69,7 +69,7 @@ def block_masks(u: torch.Tensor, grid: int, count: int, min_block: int, aspect: 
 
 
 @register("beit")
-class BEiT(nn.Module):
+class BEiT(Method):
     Config = BEiTConfig
 
     def __init__(self, model: ModelConfig, cfg: BEiTConfig):

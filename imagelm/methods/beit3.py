@@ -19,7 +19,7 @@ from torch import nn
 
 from imagelm import dist
 from imagelm.config import ConfigError, ModelConfig
-from imagelm.methods import Output, register
+from imagelm.methods import Method, Output, register
 from imagelm.methods.beit import block_masks
 from imagelm.nn.transformer import LANGUAGE, VISION
 from imagelm.nn.vit import ViT
@@ -47,7 +47,7 @@ class BEiT3Config(TokenTargets):
 
 
 @register("beit3")
-class BEiT3(nn.Module):
+class BEiT3(Method):
     Config = BEiT3Config
 
     def __init__(self, model: ModelConfig, cfg: BEiT3Config):
@@ -139,10 +139,17 @@ class BEiT3(nn.Module):
         keep = None if pad is None or not pad.any() else ~pad[:, None, None, :]      # (B, 1, 1, N)
         return self.encoder(x, keep, modality=modality, fuse=fuse)
 
-    def loss(self, preds: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """One cross-entropy, averaged over every masked patch and word of the batch."""
-        total = sum(F.cross_entropy(logits.float(), target, reduction="sum") for logits, target in preds)
-        return total / max(1, sum(len(t) for _, t in preds))
+    def loss(self, preds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], batch: int) -> torch.Tensor:
+        """Cross-entropy averaged over each sample's masked patches and words, then over the batch's
+        samples: a sample's share does not depend on how many tokens the other samples of its rank
+        mask, so any split of the batch over ranks or micro-batches gives one process's loss.
+        preds: (logits (n, V), targets (n,), the sample each of the n comes from (n,))."""
+        total = torch.zeros(batch, device=preds[0][0].device)
+        count = torch.zeros(batch, device=total.device)
+        for logits, target, rows in preds:
+            total = total.index_add(0, rows, F.cross_entropy(logits.float(), target, reduction="none"))
+            count = count.index_add(0, rows, torch.ones_like(rows, dtype=total.dtype))
+        return (total / count.clamp(min=1)).sum() / batch
 
     def forward(self, batch: dict) -> Output:
         images, noise = batch["image"], batch["noise"]
@@ -151,15 +158,18 @@ class BEiT3(nn.Module):
         vis = self.mask_image(noise[:, 1])                                           # (B, K)
         preds, metrics = {}, {}
         codes = self.tokenizer.encode(images) if (role != TEXT).any() else None      # (B, K)
+        def rows(s, w):       # the batch row of each selected token: (n,)
+            return s.nonzero()[:, 0][w.nonzero()[:, 0]]
+
         if (s := role == IMAGE).any():
             h = self.encode(self.embed_image(images[s], vis[s]), [VISION] * K)
             w = vis[s].bool()
-            preds["image"] = (self.image_head(h[w]), codes[s][w])
+            preds["image"] = (self.image_head(h[w]), codes[s][w], rows(s, w))
         if (s := role == TEXT).any():
             tokens = batch["text_only"][s]
             masked, w = self.mask_text(tokens, noise[s, 2:], self.cfg.text_mask_ratio)
             h = self.encode(self.embed_text(masked), [LANGUAGE] * L, masked == PAD_ID)
-            preds["text"] = (self.text_head(h[w]), tokens[w])
+            preds["text"] = (self.text_head(h[w]), tokens[w], rows(s, w))
         if (s := role == PAIR).any():
             tokens = batch["text"][s]
             masked, wt = self.mask_text(tokens, noise[s, 2:], self.cfg.pair_text_mask_ratio)
@@ -167,10 +177,10 @@ class BEiT3(nn.Module):
             pad = torch.cat([torch.zeros_like(vis[s], dtype=torch.bool), masked == PAD_ID], 1)
             h = self.encode(x, [VISION] * K + [LANGUAGE] * L, pad, fuse=True)
             wi = vis[s].bool()
-            preds["pair_image"] = (self.image_head(h[:, :K][wi]), codes[s][wi])
-            preds["pair_text"] = (self.text_head(h[:, K:][wt]), tokens[wt])
-        loss = self.loss(list(preds.values()))
-        for name, (logits, target) in preds.items():
+            preds["pair_image"] = (self.image_head(h[:, :K][wi]), codes[s][wi], rows(s, wi))
+            preds["pair_text"] = (self.text_head(h[:, K:][wt]), tokens[wt], rows(s, wt))
+        loss = self.loss(list(preds.values()), len(images))
+        for name, (logits, target, _) in preds.items():
             metrics[f"{name}_acc"] = (logits.argmax(-1) == target).float().mean()
         if dist.world_size() > 1 and len(preds) < 4:
             # a rank whose batch lacks a use leaves experts or heads unused; DDP wants a (zero) gradient

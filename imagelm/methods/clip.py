@@ -16,7 +16,7 @@ from torch import nn
 
 from imagelm import dist
 from imagelm.config import ModelConfig
-from imagelm.methods import Output, register
+from imagelm.methods import Method, Output, register
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.vit import ViT
 from imagelm.tokenizers.text import load_or_train
@@ -36,8 +36,9 @@ class CLIPConfig:
 
 
 @register("clip")
-class CLIP(nn.Module):
+class CLIP(Method):
     Config = CLIPConfig
+    couples_samples = True      # InfoNCE over every pair of the global batch
 
     def __init__(self, model: ModelConfig, cfg: CLIPConfig):
         super().__init__()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagelm.config import ConfigError, ModelConfig
-from imagelm.methods import Output, register
+from imagelm.methods import Method, Output, register
 from imagelm.nn.gpt import TokenTransformer, generate
 from imagelm.tokenizers.palette import Palette
 
@@ -71,7 +71,7 @@ class PixelGPT(nn.Module):
 
 
 @register("igpt")
-class IGPT(nn.Module):
+class IGPT(Method):
     Config = IGPTConfig
 
     def __init__(self, model: ModelConfig, cfg: IGPTConfig):
@@ -122,13 +122,12 @@ class IGPT(nn.Module):
             loss = self.loss(gpt.head(h[mask]), tokens[:, 1:][mask])
         return Output(loss, {"bits_per_dim": loss.detach() / torch.log(torch.tensor(2.0))})
 
-    def benchmarks(self, cfg, device) -> dict:
+    def benchmarks(self, cfg, device, profile_step) -> dict:
         """`imagelm bench`: sampling 784-token images with the KV cache vs re-encoding the prefix at
-        every step (same seed), and a training step's time and peak memory at 196 vs 784 tokens."""
+        every step (same seed), and a training step's time and peak memory at 196 vs 784 tokens
+        (`profile_step(cfg, batch, device)`, bench's profiler, times a config's step)."""
         import dataclasses
         import time
-
-        from imagelm.bench import profile_step
 
         torch.manual_seed(0)
         big = IGPT(cfg.model, dataclasses.replace(self.cfg, resolution=28, objective="ar")).to(device).eval()

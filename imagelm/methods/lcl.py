@@ -20,7 +20,7 @@ from torch import nn
 
 from imagelm import dist
 from imagelm.config import ConfigError, ModelConfig
-from imagelm.methods import Output, register
+from imagelm.methods import Method, Output, register
 from imagelm.methods.clip import logit_scale
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.heads import AttentionPool
@@ -48,8 +48,12 @@ class LCLConfig:
 
 
 @register("lcl")
-class LCL(nn.Module):
+class LCL(Method):
     Config = LCLConfig
+
+    @property
+    def couples_samples(self) -> bool:     # its InfoNCE pairs every image of the global batch
+        return self.cfg.objective != "generation"
 
     def __init__(self, model: ModelConfig, cfg: LCLConfig):
         super().__init__()

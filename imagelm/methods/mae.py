@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from imagelm.config import ModelConfig
-from imagelm.methods import Output, register
+from imagelm.methods import Method, Output, register
 from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import MaskedDecoder
 from imagelm.nn.vit import ViT
@@ -30,9 +30,6 @@ class MAEConfig:
     # masked positions. Same loss; ~3x the encoder compute at 75% masking.
     encode_mask_tokens: bool = False
 
-    # `imagelm bench` times these variants against the config: the visible-only encoder's speedup
-    BENCH_ABLATIONS = {"visible_only_speedup": {"encode_mask_tokens": True}}
-
 
 def random_masking(noise: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """noise (B, K) -> ids_keep (B, keep), ids_restore (B, K), mask (B, K) with 1 = masked, in
@@ -45,8 +42,10 @@ def random_masking(noise: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
 
 
 @register("mae")
-class MAE(nn.Module):
+class MAE(Method):
     Config = MAEConfig
+    # `imagelm bench` times this variant against the config: the visible-only encoder's speedup
+    bench_ablations = {"visible_only_speedup": {"encode_mask_tokens": True}}
 
     def __init__(self, model: ModelConfig, cfg: MAEConfig):
         super().__init__()
