@@ -14,12 +14,14 @@ quickstart: setup
 test: setup
 	.venv/bin/python -m pytest -q
 
-# benchmark peers (timm, lightly) need torchvision, hence torch 2.14.1: a separate venv
+# peers (timm, lightly) need torchvision, hence torch 2.14.1: a separate venv. torch and
+# torchvision are pinned first (a bare "torch" would resolve to another build), then imagelm with its
+# own dependencies and the peers/test extras.
 peers:
 	[ -x .venv-peers/bin/python ] || python3 -m venv .venv-peers
-	.venv-peers/bin/pip install -q torch==2.14.1 torchvision==0.29.1 timm lightly
-	.venv-peers/bin/pip install -q --no-deps -e .
-	.venv-peers/bin/pip install -q safetensors pyyaml tqdm tensorboard matplotlib pillow
+	.venv-peers/bin/python -c "import torch, torchvision" 2>/dev/null || \
+		.venv-peers/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv-peers/bin/pip install -q -e ".[peers,test]" lightly
 
 bench: peers
 	.venv-peers/bin/imagelm bench aim-tiny
