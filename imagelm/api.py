@@ -51,7 +51,7 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
         if keep is None:        # image only: the encoder alone
             self.model = method.encoder
         else:                   # the parts the text path needs; training heads and tokenizers are dropped
-            for name in [n for n, _ in method.named_children()] + [n for n, _ in method.named_parameters(False)]:
+            for name in [n for n, _ in method.named_children()] + [n for n, _ in method.named_parameters(recurse=False)]:
                 if name not in keep:
                     delattr(method, name)
             self.model = method
