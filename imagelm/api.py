@@ -12,6 +12,7 @@ Image-text runs with a text tower (clip; beit3's language path) also have `encod
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -167,7 +168,7 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
             raise ConfigError(f"{self.method_name}'s image and text paths share no embedding space: zero-shot "
                               f"needs a clip run (`imagelm eval --zero-shot` fine-tunes one for beit3 first)")
         text = Z.class_embeddings(self, list(class_names), prompts or Z.PROMPTS, bf16=False)      # (classes, E)
-        scale = self.model.logit_scale.clamp(max=torch.tensor(self.model.cfg.max_logit_scale).log()).exp()
+        scale = self.model.logit_scale.clamp(max=math.log(self.model.cfg.max_logit_scale)).exp()
         return (scale * self.encode_image(self.preprocess(images)) @ text.T).softmax(-1)
 
     def _load_tokenizer(self, folder: Path) -> None:

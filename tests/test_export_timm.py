@@ -25,13 +25,16 @@ def test_timm_export_gives_imagelms_features_at_every_layer(tmp_path, name):
     model = timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")), **cfg["model_args"])
     local = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0)
-    assert local.pretrained_cfg["mean"] == enc.config["mean"] and local.pretrained_cfg["std"] == enc.config["std"]
+    overlay = timm.create_model(cfg["architecture"], pretrained=True, num_classes=0, **cfg["model_args"],
+                                pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=str(out / "model.safetensors")))
+    for m in (local, overlay):     # the preprocessing travels: timm.data.resolve_data_config reads these
+        assert m.pretrained_cfg["mean"] == enc.config["mean"] and m.pretrained_cfg["std"] == enc.config["std"]
     assert cfg["num_features"] == model.num_features == enc.num_features
     m = enc.run_config.model
     x = torch.randn(4, m.in_chans, m.img_size, m.img_size, generator=torch.Generator().manual_seed(0))   # standardised
     with torch.inference_mode():
         ours = enc(x)
-        for tm in (model.eval(), local.eval()):
+        for tm in (model.eval(), local.eval(), overlay.eval()):
             assert (tm(x) - ours).abs().max() <= 1e-4
         layers = list(range(1, enc.num_layers + 1))
         inter = model.forward_intermediates(x, indices=[l - 1 for l in layers], output_fmt="NLC",
