@@ -22,6 +22,7 @@ from torch import nn
 
 from imagelm import __version__, checkpoint
 from imagelm.config import Config, ConfigError, drop_retired, from_dict
+from imagelm.methods import build_method
 
 FORMAT = "imagelm-encoder"          # config.json["format"] of an exported folder
 STATS = "preprocess.json"           # in a run dir: the training data's per-channel mean/std
@@ -45,16 +46,14 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
         self.run_config: Config = from_dict(drop_retired(config["run"]))
         self.method_name = self.run_config.method
         self.img_size, self.in_chans = self.run_config.model.img_size, self.run_config.model.in_chans
-        from imagelm.methods import build_method
-
         method = build_method(self.run_config)
         keep = TEXT_PARTS.get(self.method_name, (None,))[0]
         if keep is None:        # image only: the encoder alone
             self.model = method.encoder
         else:                   # the parts the text path needs; training heads and tokenizers are dropped
-            for name in [n for n, _ in method.named_children()] + [n for n, _ in method.named_parameters(recurse=False)]:
-                if name not in keep:
-                    delattr(method, name)
+            own = [n for n, _ in method.named_children()] + [n for n, _ in method.named_parameters(recurse=False)]
+            for name in set(own) - set(keep):
+                delattr(method, name)
             self.model = method
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config["std"]).view(1, -1, 1, 1), persistent=False)
@@ -196,7 +195,7 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
 
         folder = Path(model_id)
         if not (folder / "model.safetensors").exists():
-            raise FileNotFoundError(f"{folder} has no model.safetensors (export a run with `imagelm export RUN --to hf`)")
+            raise FileNotFoundError(f"{folder} has no model.safetensors (`imagelm export RUN --to hf` writes one)")
         model = cls(config)
         load_model(model, str(folder / "model.safetensors"), strict=strict, device=map_location)
         model._load_tokenizer(folder)

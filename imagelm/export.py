@@ -142,10 +142,11 @@ def eval_figures(run: Path, checkpoint: str) -> str:
         if isinstance(r.get(base), dict) and "linear" in r[base]:
             rows.append(f"| baseline {base.replace('_', ' ')}, linear probe | {100 * r[base]['linear']['acc']:.2f}% |")
     if "retrieval" in r:
-        rows.append(f"| retrieval image->text R@1 ({r['retrieval']['n']} scenes) | {100 * r['retrieval']['i2t_r1']:.2f}% |")
+        ret = r["retrieval"]
+        rows.append(f"| retrieval image->text R@1 ({ret['n']} scenes) | {100 * ret['i2t_r1']:.2f}% |")
     note = ""
     if Path(r.get("checkpoint", "")).name != checkpoint:
-        note = f"\nThese figures are of checkpoint {Path(r.get('checkpoint', '?')).name}, not the exported {checkpoint}.\n"
+        note = f"\nThese figures are of checkpoint {Path(r.get('checkpoint', '?')).name}, not the exported one.\n"
     data = r.get("eval_config", {}).get("dataset") or "the run's training data"
     return f"Probed on {data} test images (`imagelm eval`):\n\n| evaluation | accuracy |\n|---|---|\n" + \
         "\n".join(rows) + "\n" + note
@@ -164,6 +165,7 @@ model = timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
                           pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file="DIR/model.safetensors"),
                           **cfg["model_args"])
 features = model(x)                      # (B, {m.dim}), x standardised with pretrained_cfg mean/std
+# or: timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)
 ```
 
 Left out of this export: {'; '.join(left_out(enc))}.
@@ -175,6 +177,10 @@ enc = imagelm.load("DIR")                # or imagelm.api.Encoder.from_pretraine
 features = enc(enc.preprocess(images))   # images: uint8 or [0, 1] float (B, C, H, W), or PIL
 ```
 """
+        if enc.method_name == "clip":
+            usage += "\nWith the text tower: `enc.encode_text([\"a sneaker\"])`, `enc.zero_shot(images, names)`.\n"
+        elif enc.has_text:
+            usage += "\nWith the language path: `enc.encode_text([\"a sneaker\"])` (no space shared with images).\n"
     return f"""---
 library_name: {"timm" if kind == "timm" else "imagelm"}
 tags: [image-feature-extraction, imagelm, {cfg.method}]
@@ -182,7 +188,8 @@ tags: [image-feature-extraction, imagelm, {cfg.method}]
 # {cfg.method} encoder ({m.dim}-wide, {m.depth} blocks, patch {m.patch_size}, {m.img_size} px)
 
 Pretrained with imagelm's `{cfg.method}` method on `{cfg.data.dataset}` for {step} steps
-(global batch {cfg.train.batch_size}); exported from run `{src.get("run", "?")}`, checkpoint `{src.get("checkpoint", "?")}`.
+(global batch {cfg.train.batch_size}); exported from run `{src.get("run", "?")}`,
+checkpoint `{src.get("checkpoint", "?")}`.
 {params / 1e6:.2f} M parameters in the image encoder. Inputs: {m.in_chans}-channel {m.img_size} x {m.img_size} images,
 standardised per channel with the training data's mean {enc.config["mean"]} and std {enc.config["std"]}.
 Output: the last block's patch tokens, mean-pooled ({m.dim} features), as imagelm's probes read them.
