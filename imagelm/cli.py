@@ -149,7 +149,8 @@ def cmd_export(args) -> int:
 
     out = export(Path(args.run), args.to, Path(args.out))
     how = {"timm": "timm.create_model(\"local-dir:{0}\", pretrained=True, num_classes=0)",
-           "hf": "imagelm.load(\"{0}\")"}[args.to].format(out)
+           "hf": "imagelm.load(\"{0}\")", "onnx": "onnxruntime.InferenceSession(\"{0}/model.onnx\")"}
+    how = how[args.to].format(out)
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); load it with {how}")
     return 0
 
@@ -258,9 +259,10 @@ def main(argv=None) -> int:
                        description="Write a run's encoder (latest checkpoint) to OUT: --to timm gives model.safetensors "
                        "+ config.json in timm's hub layout (timm.create_model('local-dir:OUT', pretrained=True)); "
                        "--to hf gives config.json, model.safetensors and a README.md model card, loadable with "
-                       "imagelm.load(OUT). Nothing is uploaded.")
+                       "imagelm.load(OUT); --to onnx gives model.onnx (standardised pixels -> pooled features), "
+                       "checked with onnxruntime. Nothing is uploaded.")
     s.add_argument("run")
-    s.add_argument("--to", choices=["timm", "hf"], required=True)
+    s.add_argument("--to", choices=["timm", "hf", "onnx"], required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_export)
 

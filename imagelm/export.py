@@ -6,11 +6,14 @@ pooling and no final norm, so `model(x)` is what `imagelm.load(RUN)(x)` gives (t
 tokens, mean-pooled) and `forward_intermediates` returns the blocks' outputs `features` returns.
 hf: the Hugging Face layout (config.json, model.safetensors, README.md model card), loadable
 offline with `imagelm.load(DIR)` or `imagelm.api.Encoder.from_pretrained(DIR)`.
+onnx: model.onnx (standardised pixels -> pooled features, any batch size) for serving, checked
+against the encoder with onnxruntime when it is installed.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,6 +110,42 @@ def to_hf(enc: api.Encoder, out: Path, run: Path) -> None:
     (out / "README.md").write_text(model_card(enc, "hf", run))
 
 
+def to_onnx(enc: api.Encoder, out: Path, run: Path) -> dict:
+    """The image path as ONNX: `pixels` (B, C, S, S) standardised -> `features` (B, D), traced
+    (TorchScript exporter, opset 17); then run once with onnxruntime against the encoder."""
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+    except ImportError:
+        raise ConfigError("--to onnx needs the onnx package: pip install 'imagelm[onnx]'") from None
+    m = enc.run_config.model
+    x = torch.randn(2, m.in_chans, m.img_size, m.img_size, generator=torch.Generator().manual_seed(0))
+    out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():     # the tracer's notes on shape arithmetic: shapes are fixed but the batch
+        warnings.simplefilter("ignore")
+        torch.onnx.export(enc, (x,), str(out / "model.onnx"), dynamo=False, opset_version=17,
+                          input_names=["pixels"], output_names=["features"],
+                          dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}})
+    cfg = {"format": "imagelm-onnx", "method": enc.method_name, "input": "pixels", "output": "features",
+           "input_size": [m.in_chans, m.img_size, m.img_size], "mean": enc.config["mean"], "std": enc.config["std"],
+           "num_features": enc.num_features, "source": enc.config.get("source", {})}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        cfg["checked"] = None
+    else:
+        xb = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+        got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"pixels": xb.numpy()})[0]
+        with torch.inference_mode():
+            diff = (torch.from_numpy(got) - enc(xb)).abs().max().item()
+        cfg["checked"] = {"onnxruntime": ort.__version__, "max_abs_diff": diff}
+        if diff > 1e-4:
+            raise RuntimeError(f"onnxruntime's features differ from the encoder's by {diff:.2e} (> 1e-4)")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "README.md").write_text(model_card(enc, "onnx", run))
+    return cfg
+
+
 def export(run: str | Path, to: str, out: str | Path) -> Path:
     run, out = Path(run), Path(out)
     if out.exists() and any(out.iterdir()):
@@ -118,8 +157,10 @@ def export(run: str | Path, to: str, out: str | Path) -> Path:
         to_timm(enc, out, run)
     elif to == "hf":
         to_hf(enc, out, run)
+    elif to == "onnx":
+        to_onnx(enc, out, run)
     else:
-        raise ConfigError(f"unknown export format {to!r}: choose timm or hf")
+        raise ConfigError(f"unknown export format {to!r}: choose timm, hf or onnx")
     return out
 
 
@@ -170,6 +211,14 @@ features = model(x)                      # (B, {m.dim}), x standardised with pre
 
 Left out of this export: {'; '.join(left_out(enc))}.
 """
+    elif kind == "onnx":
+        usage = f"""```python
+import onnxruntime as ort
+session = ort.InferenceSession("DIR/model.onnx")
+features = session.run(None, {{"pixels": x}})[0]   # (B, {m.dim})
+# x: float32 (B, {m.in_chans}, {m.img_size}, {m.img_size}), standardised with the mean and std above
+```
+"""
     else:
         usage = """```python
 import imagelm
@@ -182,7 +231,7 @@ features = enc(enc.preprocess(images))   # images: uint8 or [0, 1] float (B, C, 
         elif enc.has_text:
             usage += "\nWith the language path: `enc.encode_text([\"a sneaker\"])` (no space shared with images).\n"
     return f"""---
-library_name: {"timm" if kind == "timm" else "imagelm"}
+library_name: {"imagelm" if kind == "hf" else kind}
 tags: [image-feature-extraction, imagelm, {cfg.method}]
 ---
 # {cfg.method} encoder ({m.dim}-wide, {m.depth} blocks, patch {m.patch_size}, {m.img_size} px)
