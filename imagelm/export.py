@@ -146,13 +146,24 @@ def to_onnx(enc: api.Encoder, out: Path, run: Path) -> dict:
     return cfg
 
 
+def is_export(folder: Path) -> bool:
+    """Written by `imagelm export` (any format)?"""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (cfg.get("format") in (api.FORMAT, "imagelm-onnx") or "imagelm" in cfg)
+
+
 def export(run: str | Path, to: str, out: str | Path) -> Path:
     run, out = Path(run), Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "config.json").exists():
-            raise FileExistsError(f"{out} exists and holds something other than an export: choose another --out")
-        shutil.rmtree(out)      # an earlier export: replaced
+    if out.resolve() == run.resolve():
+        raise FileExistsError(f"--out {out} is the run itself: choose another folder")
     enc = api.load(run)
+    if out.exists() and any(out.iterdir()):
+        if not is_export(out):
+            raise FileExistsError(f"{out} exists and holds something other than an imagelm export: choose another")
+        shutil.rmtree(out)      # an earlier export: replaced
     if to == "timm":
         to_timm(enc, out, run)
     elif to == "hf":

@@ -130,6 +130,10 @@ def test_clear_errors_for_no_checkpoint_not_an_export_and_igpt_to_timm(tmp_path,
     assert len(err) == 2 and "has no checkpoint" in err[0] and "timm has no model" in err[1]
     assert main(["export", str(igpt), "--to", "hf", "--out", str(tmp_path / "y")]) == 0   # iGPT: hf only
     assert imagelm.load(tmp_path / "y").num_layers == 2
+    assert main(["export", str(igpt), "--to", "hf", "--out", str(tmp_path / "y")]) == 0   # an export is replaced
+    assert main(["export", str(igpt), "--to", "hf", "--out", str(tmp_path / "other")]) == 2   # anything else is not
+    assert main(["export", str(tmp_path / "y"), "--to", "hf", "--out", str(tmp_path / "y")]) == 2
+    assert (tmp_path / "other" / "config.json").exists() and (tmp_path / "y" / "model.safetensors").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
