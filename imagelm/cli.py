@@ -1,4 +1,4 @@
-"""The `imagelm` command: pretrain, eval, compare, sample, tokenizer, data, bench."""
+"""The `imagelm` command: pretrain, eval, compare, sample, tokenizer, data, bench, export."""
 from __future__ import annotations
 
 import argparse
@@ -157,6 +157,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from imagelm.export import export
+
+    out = export(Path(args.run), args.to, Path(args.out))
+    how = {"timm": "timm.create_model(\"local-dir:{0}\", pretrained=True, num_classes=0)",
+           "hf": "imagelm.load(\"{0}\")", "onnx": "onnxruntime.InferenceSession(\"{0}/model.onnx\")"}
+    how = how[args.to].format(out)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); load it with {how}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from imagelm.data import corpora
 
@@ -263,6 +274,17 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--data-root", default="", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     s.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("export", help="a run's encoder for timm or as a Hugging Face-style folder",
+                       description="Write a run's encoder (latest checkpoint) to OUT: --to timm gives model.safetensors "
+                       "+ config.json in timm's hub layout (timm.create_model('local-dir:OUT', pretrained=True)); "
+                       "--to hf gives config.json, model.safetensors and a README.md model card, loadable with "
+                       "imagelm.load(OUT); --to onnx gives model.onnx (standardised pixels -> pooled features), "
+                       "checked with onnxruntime. Nothing is uploaded.")
+    s.add_argument("run")
+    s.add_argument("--to", choices=["timm", "hf", "onnx"], required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_export)
 
     args, extra = p.parse_known_args(argv)
     if extra:     # key=value overrides after an option (argparse stops the positional list there)
