@@ -15,7 +15,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imagelm import checkpoint, dist
-from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict
+from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict, read_yaml
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
 from imagelm.methods import build_method
@@ -63,7 +63,7 @@ def load_run_config(run: Path) -> Config:
     path = Path(run) / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
-    return from_dict(drop_retired(yaml.safe_load(path.read_text())))
+    return from_dict(drop_retired(read_yaml(path, "run config")))
 
 
 class Trainer:
@@ -110,7 +110,7 @@ class Trainer:
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
         if self.resume_from is not None:
-            old = yaml.safe_load(cfg_path.read_text())
+            old = read_yaml(cfg_path, "run config")
             changed = diff(old, self.cfg.to_dict())
             if changed:
                 raise ConfigError(f"refusing to resume {self.out}: the config differs in {', '.join(changed)} "
