@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imagelm import checkpoint, dist
 from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict, read_yaml
+from imagelm.errors import CheckpointError
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
 from imagelm.methods import build_method
@@ -106,7 +107,7 @@ class Trainer:
     # --- run directory ----------------------------------------------------------------------------
     def _check_resume(self, resume: bool) -> None:
         cfg_path = self.out / "config.yaml"
-        self.resume_from = checkpoint.latest(self.ckpt_root) if resume else None
+        self.resume_from = checkpoint.latest(self.ckpt_root, state=True) if resume else None
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
         if self.resume_from is not None:
@@ -127,9 +128,13 @@ class Trainer:
                 "rng_cpu": torch.get_rng_state()}
 
     def _load(self, ckpt: Path) -> None:
-        self.method.load_state_dict(checkpoint.load_weights(ckpt))
+        checkpoint.load_into(self.method, ckpt)
         state = checkpoint.load_state(ckpt)
-        self.opt.load_state_dict(state["optimizer"])
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:   # groups or sizes of another model
+            raise CheckpointError(f"{ckpt / checkpoint.STATE}: its optimizer state does not fit this model ({e})") \
+                from e
         self.step, self.total = state["step"], state["total"]
         torch.set_rng_state(state["rng_cpu"])
 
