@@ -7,6 +7,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +42,15 @@ def check_compiler(device: torch.device) -> None:
     if device.type == "cpu" and cpp_compiler() is None:
         raise ConfigError("train.compile=true on CPU needs a C++ compiler (install g++ or set CXX), "
                           "or pass train.compile=false")
+
+
+def on_sigterm(flag: list):
+    """Until the returned undo is called, SIGTERM (a cluster's preemption) appends to `flag`
+    instead of killing the process. Only the main thread may set handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = signal.signal(signal.SIGTERM, lambda *_: flag.append(signal.SIGTERM))
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -208,6 +219,8 @@ class Trainer:
         # stops before its learning rate has decayed
         fitting = bool(deadline) and self.step == 0
         mark = (self.step, time.time())
+        preempted: list = []          # SIGTERM: stop after this step, checkpoint, return (exit 0)
+        undo = on_sigterm(preempted)
         try:
             while self.step < min(self.total, until or self.total):
                 if fitting and (self.step == 5 or self.step == 20 or (self.step > 20 and self.step % REFIT == 0)):
@@ -217,7 +230,7 @@ class Trainer:
                             bar.total = self.total
                             bar.refresh()
                     mark = (self.step, time.time())
-                stop = deadline is not None and time.time() > deadline
+                stop = bool(preempted) or (deadline is not None and time.time() > deadline)
                 if self.world > 1:   # every rank stops at the same step
                     stop = bool(dist.mean(torch.tensor(float(stop))).item() > 0)
                 if stop:
@@ -239,13 +252,20 @@ class Trainer:
                         imgs, tick = 0, now
                 if self.step % self.cfg.train.ckpt_every == 0 and self.step < self.total:
                     self.save()
+        except BaseException:
+            undo()
+            raise
         finally:
             if self.rank == 0:
                 bar.close()
                 writer.close()
                 log_file.close()
-        path = self.save()
+        try:
+            path = self.save()        # a SIGTERM now still waits for it
+        finally:
+            undo()
         if self.rank == 0:
-            done = "finished" if self.step >= self.total else "stopped at the time budget"
+            done = "finished" if self.step >= self.total else \
+                "stopped by SIGTERM (continue with --resume)" if preempted else "stopped at the time budget"
             print(f"{done}: step {self.step}/{self.total}, checkpoint {path}")
         return path
