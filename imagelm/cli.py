@@ -284,7 +284,8 @@ def main(argv=None) -> int:
     args, extra = p.parse_known_args(argv)
     if extra:     # key=value overrides after an option (argparse stops the positional list there)
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
-            p.error(f"unrecognized arguments: {' '.join(extra)}")
+            p.print_usage(sys.stderr)
+            p.exit(2, f"imagelm {args.cmd}: error: unrecognized arguments: {' '.join(extra)}\n")
         args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)

@@ -280,7 +280,7 @@ def read_yaml(path: Path, what: str) -> dict:
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
     if d is None:
-        raise ConfigError(f"{what} {path} is empty: a recipe names at least its method and model")
+        raise ConfigError(f"{what} {path} is empty")
     if not isinstance(d, dict):
         raise ConfigError(f"{what} {path} must be a YAML mapping of sections (model:, train:, ...), "
                           f"got a {type(d).__name__}")

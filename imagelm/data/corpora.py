@@ -219,6 +219,7 @@ def build_captions(out: str | Path, split: str = "train", n: int | None = None, 
     """One sample per image (the first n, all by default): KEY.png (1, 28, 28), KEY.txt caption,
     KEY.json {"label", "class", "attributes"}. Returns the manifest."""
     t0, out, requested = time.time(), Path(out), n
+    _refuse_foreign(out, "holds files")          # before any work
     data, th = _source(split, root, data)
     n = len(data) if n is None else min(n, len(data))
     images, labels = data.images[:n], data.labels[:n]
@@ -240,6 +241,7 @@ def build_scenes(out: str | Path, split: str = "train", n: int | None = None, se
     {"layout", "items": [{"label", "class", "position", "box": [x, y, w, h], "index",
     "attributes"}]} with items in position order; "index" is the item's image in the split."""
     t0, out = time.time(), Path(out)
+    _refuse_foreign(out, "holds files")          # before any work
     data, th = _source(split, root, data)
     n = DEFAULT_N["scenes"].get(split, 1000) if n is None else n
     rng = random.Random(f"scenes-{split}-{seed}")
@@ -323,6 +325,7 @@ def build_interleaved(out: str | Path, split: str = "train", n: int | None = Non
     """n documents with 1-4 images each: docs.jsonl (one MMC4-style document a line) and
     images-NNNNNN.tar shards whose members are the documents' image_name (KEY.png)."""
     t0, out = time.time(), Path(out)
+    _refuse_foreign(out, "holds files")          # before any work
     data, th = _source(split, root, data)
     n = DEFAULT_N["interleaved"].get(split, 1000) if n is None else n
     rng = random.Random(f"interleaved-{split}-{seed}")

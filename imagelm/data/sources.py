@@ -11,16 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imagelm.errors import DataError, DatasetMissing  # noqa: F401 - DatasetMissing: callers import it from here
+
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DatasetMissing(FileNotFoundError):
-    pass
 
 
 @dataclass
@@ -194,7 +192,7 @@ def load(data_cfg, model_cfg, split: str, train: ImageData | None = None) -> Ima
         train.images = resize(train.images, model_cfg.img_size)
     ref = train.images.flatten(0, -4)           # documents hold (J, C, H, W) per sample
     if ref.shape[1] != model_cfg.in_chans or ref.shape[-1] != model_cfg.img_size:
-        raise ValueError(f"{data_cfg.dataset} images are {tuple(ref.shape[1:])}, but model.in_chans="
+        raise DataError(f"{data_cfg.dataset} images are {tuple(ref.shape[1:])}, but model.in_chans="
                          f"{model_cfg.in_chans} and model.img_size={model_cfg.img_size}")
     if train.mean and train is not ds:
         ds.mean, ds.std = train.mean, train.std

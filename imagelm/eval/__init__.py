@@ -258,7 +258,10 @@ def compare(runs: list[Path]) -> str:
         path = run / "eval" / "probes.json"
         if not path.exists():
             raise FileNotFoundError(f"{run} has no eval/probes.json: run `imagelm eval {run}` first")
-        r = json.loads(path.read_text())
+        try:
+            r = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{path} is not readable JSON ({e}): run `imagelm eval {run}` again") from None
         rows.append((run.name, r))
         if not base:
             base = [(k, r[k]) for k in ("random_init", "raw_pixels") if k in r]
