@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY, tiny_cfg
-from imagelm import checkpoint
+from imagelm import checkpoint, config
 from imagelm.cli import main
 from imagelm.data import corpora, sources
 from imagelm.errors import CheckpointError, DataError
@@ -207,8 +207,13 @@ def only_last(run: Path) -> None:
     shutil.rmtree(run / "checkpoints" / "step_00000003")
 
 
-def eval_cli(capsys, run: Path, *extra) -> tuple[int, str, str]:
-    return cli(capsys, "eval", run, "--probe", "knn", "--layers", "last:1", *extra)
+def eval_cli(capsys, run: Path, *extra, probe: str = "knn") -> tuple[int, str, str]:
+    return cli(capsys, "eval", run, "--probe", probe, "--layers", "last:1", *extra)
+
+
+def evaluated(run: Path) -> str:
+    """The checkpoint the last eval of `run` used."""
+    return Path(json.loads((run / "eval" / "probes.json").read_text())["checkpoint"]).name
 
 
 def resume_cli(capsys, run: Path) -> tuple[int, str, str]:
@@ -267,12 +272,11 @@ def test_broken_weights_of_the_only_checkpoint_are_one_line_naming_the_file(caps
 @pytest.mark.parametrize("what", sorted(CORRUPT))
 def test_unreadable_latest_weights_fall_back_to_the_previous_checkpoint(capsys, caplog, run, what):
     BROKEN_WEIGHTS[what](run)
-    rc, _, err = eval_cli(capsys, run)
+    rc, _, err = eval_cli(capsys, run, probe="none")     # the choice of checkpoint, without the probes
     assert rc == 0 and "Traceback" not in err, err
     warning = caplog.text
     assert "step_00000006" in warning and "falling back to" in warning and "step_00000003" in warning
-    probes = json.loads((run / "eval" / "probes.json").read_text())
-    assert probes["checkpoint"].endswith("step_00000003")
+    assert evaluated(run) == "step_00000003"
 
 
 @pytest.mark.parametrize("what", ["another shape", "a missing tensor", "an extra tensor", "NaN weights"])
@@ -294,10 +298,10 @@ LATEST_POINTERS = {"binary": os.urandom(64), "empty": b"", "a missing step": b"s
 @pytest.mark.parametrize("what", list(LATEST_POINTERS))
 def test_a_bad_latest_pointer_falls_back_to_the_newest_readable_checkpoint(capsys, caplog, run, what):
     (run / "checkpoints" / checkpoint.LATEST).write_bytes(LATEST_POINTERS[what])
-    rc, _, err = eval_cli(capsys, run)
+    rc, _, err = eval_cli(capsys, run, probe="none")
     assert rc == 0 and "Traceback" not in err, err
     assert "latest" in caplog.text
-    assert json.loads((run / "eval" / "probes.json").read_text())["checkpoint"].endswith("step_00000006")
+    assert evaluated(run) == "step_00000006"
 
 
 def _state(run: Path) -> dict:
@@ -343,9 +347,15 @@ def test_a_broken_trainer_state_is_refused_in_one_line(capsys, run, what):
     assert not Path("pwned").exists()
 
 
-@pytest.mark.parametrize("what", ["truncated", "zero bytes", "a raw pickle"])
-def test_an_unreadable_latest_state_resumes_from_the_previous_checkpoint(capsys, caplog, run, what):
+@pytest.mark.parametrize("what", ["zero bytes", "a raw pickle", "garbage", "missing"])
+def test_an_unreadable_latest_state_is_passed_over_for_the_previous_checkpoint(caplog, run, what):
     BROKEN_STATE[what](run)
+    assert checkpoint.latest(run / "checkpoints", state=True).name == "step_00000003"
+    assert "falling back to" in caplog.text and "trainer.pt" in caplog.text
+
+
+def test_an_unreadable_latest_state_resumes_from_the_previous_checkpoint(capsys, caplog, run):
+    BROKEN_STATE["truncated"](run)
     rc, out, err = resume_cli(capsys, run)
     assert rc == 0 and "Traceback" not in err, err
     assert "falling back to" in caplog.text and "step_00000003" in caplog.text
@@ -554,30 +564,39 @@ def test_a_corpus_imagelm_built_is_rebuilt_when_stale(tmp_path):
 
 # ----------------------------------------------------------------------------- the real command
 
-def _command(*argv, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imagelm.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+@pytest.fixture(scope="module")
+def commands(trained, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """A few mistakes made with the real `imagelm` command, run side by side (each pays for importing torch)."""
+    tmp = tmp_path_factory.mktemp("commands")
+    (tmp / "r.yaml").write_bytes(bytes(range(128, 256)) * 3)
+    run = Path(shutil.copytree(trained, tmp / "run"))
+    for ck in checkpoint.steps(run / "checkpoints"):
+        _cut(ck / checkpoint.WEIGHTS, 0.5)
+    argvs = {"bad value": ["pretrain", "aim-tiny", "model.heads=5", "--out", tmp / "out"],
+             "binary recipe": ["pretrain", tmp / "r.yaml"],
+             "corrupt checkpoint": ["eval", run, "--probe", "knn"],
+             "--debug": ["pretrain", "aim-tiny", "model.heads=5", "--debug"]}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = {k: subprocess.Popen([sys.executable, "-m", "imagelm.cli", *map(str, a)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=tmp, env=env) for k, a in argvs.items()}
+    done = {}
+    for k, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        done[k] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return done
 
 
 @pytest.mark.parametrize("case", ["bad value", "binary recipe", "corrupt checkpoint"])
-def test_the_real_command_exits_2_with_one_line_and_no_traceback(tmp_path, trained, case):
-    if case == "bad value":
-        p = _command("pretrain", "aim-tiny", "model.heads=5", "--out", tmp_path / "r")
-    elif case == "binary recipe":
-        (tmp_path / "r.yaml").write_bytes(os.urandom(300))
-        p = _command("pretrain", tmp_path / "r.yaml")
-    else:
-        run = Path(shutil.copytree(trained, tmp_path / "run"))
-        for ck in checkpoint.steps(run / "checkpoints"):
-            _cut(ck / checkpoint.WEIGHTS, 0.5)
-        p = _command("eval", run, "--probe", "knn")
+def test_the_real_command_exits_2_with_one_line_and_no_traceback(commands, case):
+    p = commands[case]
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.startswith("imagelm ")
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    p = _command("pretrain", "aim-tiny", "model.heads=5", "--debug")
-    assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr
-    p = _command("pretrain", "aim-tiny", "model.heads=5", env={"IMAGELM_DEBUG": "1"})
-    assert "Traceback" in p.stderr
+def test_debug_shows_the_traceback(commands, capsys, monkeypatch):
+    p = commands["--debug"]
+    assert p.returncode == 1 and "Traceback" in p.stderr and "ConfigError" in p.stderr
+    monkeypatch.setenv("IMAGELM_DEBUG", "1")
+    with pytest.raises(config.ConfigError, match="model.heads"):
+        main(["pretrain", "aim-tiny", "model.heads=5"])
