@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from imagelm import config
-from imagelm.errors import UserError
+from imagelm.errors import TrainingDiverged, UserError
 
 # what a user's input or machine causes, printed as one line (exit 2); anything else is a bug: traceback
 USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -39,10 +39,9 @@ def layer_spec(text: str) -> str:
 
 
 def cmd_pretrain(args) -> int:
-    from imagelm.train import Trainer
-
     out = Path(args.out or f"runs/{Path(args.recipe).stem}")
     cfg = config.load(args.recipe, args.overrides)
+    from imagelm.train import Trainer    # after the config: a bad one is reported without importing torch
     Trainer(cfg, out, minutes=args.minutes, resume=args.resume, progress=not args.no_progress).fit()
     return 0
 
@@ -290,7 +289,6 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except Exception as e:
-        from imagelm.train import TrainingDiverged
         user = isinstance(e, (UserError, *USER_OS_ERRORS)) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
         if debug or not (user or isinstance(e, TrainingDiverged)):
             raise

@@ -125,7 +125,7 @@ class EvalConfig:
     finetune_lr: Annotated[float, POSITIVE] = 3e-4
     finetune_batch: Annotated[int, POSITIVE] = 128
     finetune_images: Annotated[int, NON_NEGATIVE] = 10000   # labelled train images used (0 = all): low-data by default
-    finetune_gen_weight: Annotated[float, NON_NEGATIVE] = 0.0   # > 0 keeps the pretraining loss (iGPT's joint objective)
+    finetune_gen_weight: Annotated[float, NON_NEGATIVE] = 0.0   # > 0 keeps the pretraining loss (iGPT's joint aim)
     vl_steps: Annotated[int, POSITIVE] = 300      # image-text fine-tunes: retrieval without a joint space (BEiT-3), ITM
     vl_batch: Annotated[int, POSITIVE] = 128
     vl_lr: Annotated[float, POSITIVE] = 3e-4

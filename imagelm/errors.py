@@ -24,3 +24,7 @@ class DatasetMissing(DataError, FileNotFoundError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: one line too, but exit code 1 (the input was valid)."""

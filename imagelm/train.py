@@ -18,14 +18,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imagelm import checkpoint, dist
 from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict, read_yaml
-from imagelm.errors import CheckpointError
+from imagelm.errors import CheckpointError, TrainingDiverged  # noqa: F401 - importable from here
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
 from imagelm.methods import build_method
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 REFIT = 100     # steps between refits of the schedule to a --minutes budget

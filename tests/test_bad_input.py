@@ -123,9 +123,9 @@ def test_a_malformed_override_is_one_line(capsys, tmp_path, tiny_recipe, overrid
 # ----------------------------------------------------------------------------- command-line arguments
 
 BAD_ARGS = [
-    ("pretrain", ["aim-tiny", "--minutes", "-1"], "--minutes"), ("pretrain", ["aim-tiny", "--minutes", "0"], "--minutes"),
-    ("pretrain", ["aim-tiny", "--minutes", "nan"], "--minutes"), ("pretrain", ["aim-tiny", "--minutes", "inf"], "--minutes"),
+    *[("pretrain", ["aim-tiny", "--minutes", m], "--minutes") for m in ("-1", "0", "nan", "inf", "-inf")],
     ("pretrain", ["aim-tiny", "--minutes", "soon"], "--minutes"), ("pretrain", ["aim-tiny", "--bogus"], "--bogus"),
+    ("pretrain", ["aim-tiny", "--out", "x", "train.lr=1", "--resume", "extra"], "extra"),
     ("eval", ["RUN", "--layers", "last:0"], "--layers"), ("eval", ["RUN", "--layers", "last:x"], "--layers"),
     ("eval", ["RUN", "--layers", "1,,2"], "--layers"), ("eval", ["RUN", "--probe", "svm"], "--probe"),
     ("sample", ["RUN", "--reconstruct", "--n", "0"], "--n"), ("sample", ["RUN", "--complete", "top-half",
@@ -292,7 +292,8 @@ def test_mismatched_weights_name_the_tensor(run, what):
 
 
 LATEST_POINTERS = {"binary": os.urandom(64), "empty": b"", "a missing step": b"step_00000099",
-                   "a path out of the run": b"../../etc", "another name": b"final", "utf-16": "step_00000006".encode("utf-16")}
+                   "a path out of the run": b"../../etc", "another name": b"final",
+                   "utf-16": "step_00000006".encode("utf-16")}
 
 
 @pytest.mark.parametrize("what", list(LATEST_POINTERS))
@@ -448,7 +449,8 @@ BAD_LINES = {
     "a number": (b"42", "not a JSON object"),
     "null": (b"null", "not a JSON object"),
     "no text_list": (json.dumps({"image_info": []}).encode(), "text_list missing or not a list of strings"),
-    "text_list a string": (json.dumps({**GOOD, "text_list": "a. b."}).encode(), "text_list missing or not a list of strings"),
+    "text_list a string": (json.dumps({**GOOD, "text_list": "a. b."}).encode(),
+                           "text_list missing or not a list of strings"),
     "text_list with a number": (json.dumps({**GOOD, "text_list": ["a", 1]}).encode(),
                                 "text_list missing or not a list of strings"),
     "image_info not a list": (json.dumps({**GOOD, "image_info": "x"}).encode(), "image_info not a list"),

@@ -195,7 +195,7 @@ def _prepare(out: Path, prefixes: Sequence[str]) -> None:
     """Remove what an earlier build of this corpus left (manifest first: the dir is not complete)."""
     _refuse_foreign(out, "holds files")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("built by imagelm (imagelm data / ensure_corpus); it may delete and rebuild this folder\n")
+    (out / MARKER).write_text("built by imagelm: it may delete and rebuild this folder\n")
     (out / "manifest.json").unlink(missing_ok=True)
     for p in prefixes:
         for f in out.glob(f"{p}-*.tar"):

@@ -234,7 +234,7 @@ class TokenTargets:
     vocab: Annotated[int, VOCAB] = 8192
     tokenizer_steps: Annotated[int, POSITIVE] = 2000
     tokenizer_norm_pix: bool = True   # tokenize per-patch normalised pixels (BEiT's dVAE sees raw pixels)
-    tokenizer_context: Annotated[int, NON_NEGATIVE] = 0        # neighbouring patches each code also sees (TokenizerConfig.context)
+    tokenizer_context: Annotated[int, NON_NEGATIVE] = 0   # neighbouring patches each code also sees (as .context)
 
     def tokenizer_config(self, model) -> TokenizerConfig:
         """The tokenizer these targets call for, on the backbone's patches."""
