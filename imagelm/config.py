@@ -65,7 +65,6 @@ class ModelConfig:
     RULES: ClassVar[tuple[Rule, ...]] = (
         (lambda m: m.img_size % m.patch_size == 0, "{w}img_size must be a multiple of {w}patch_size"),
         (lambda m: m.dim % m.heads == 0, "{w}dim must be a multiple of {w}heads"),
-        (lambda m: m.dim % 4 == 0, "{w}dim must be a multiple of 4 (2-D sin-cos positions)"),
     )
 
 

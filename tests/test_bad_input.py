@@ -71,7 +71,7 @@ BAD_VALUES = [("tiny", o) for o in [
     "train.batch_size=[16]", "train.batch_size=null",
     "model.patch_size=0", "model.dim=0", "model.dim=-32", "model.heads=0", "model.heads=5", "model.in_chans=2",
     "model.in_chans=0", "model.img_size=0", "model.img_size=9", "model.depth=0", "model.mlp_ratio=0",
-    "model.norm_eps=0", "model.dim=30",
+    "model.norm_eps=0",
     "data.crop_ratio=[-1, 1]", "data.crop_ratio=[2, 1]", "data.crop_scale=[1, 0.5]", "data.crop_scale=[0.5, 1.5]",
     "data.crop_scale=[0, 1]", "data.crop_scale=[0.5]", "data.crop_scale=0.5", "data.corpus_size=-1",
     "data.dataset=imagenet", "data.strict=maybe",
@@ -108,6 +108,11 @@ def test_a_bad_config_value_is_one_line_naming_the_key(capsys, tmp_path, tiny_re
     line = one_line_error(rc, err, "pretrain")
     assert _key(override) in line, line
     assert not out.exists()            # refused before any work
+
+
+def test_a_vit_width_its_positions_cannot_use_is_one_line(capsys, tmp_path, tiny_recipe):
+    rc, _, err = cli(capsys, "pretrain", tiny_recipe, "model.dim=30", "--out", tmp_path / "run")
+    one_line_error(rc, err, "pretrain", "model.dim", "multiple of 4")
 
 
 BAD_OVERRIDES = ["train.lrr=1", "trian.lr=1", "model=5", ".lr=1", "train.=1", "=1", "noequals",
@@ -496,6 +501,21 @@ def test_a_bad_jsonl_line_is_fatal_under_strict_naming_file_and_line(documents, 
     path, n = _with_bad_line(documents, tmp_path, line)
     with pytest.raises(DataError, match=re.escape(f"docs.jsonl:{n}: {reason}")):
         corpora.load_interleaved(path, sorted(map(str, documents.glob("*.tar"))), strict=True)
+
+
+def test_data_strict_reaches_the_jsonl_reader_from_the_command(capsys, documents, tmp_path):
+    corpus = Path(shutil.copytree(documents, tmp_path / "corpora" / "interleaved" / "train"))
+    _with_bad_line(documents, corpus, b"[not a document")
+    rc, _, err = cli(capsys, "pretrain", "lcl-tiny", f"data.root={tmp_path / 'corpora'}", "data.corpus_size=6",
+                     "data.strict=true", "--out", tmp_path / "run")
+    one_line_error(rc, err, "pretrain", "docs.jsonl:3: invalid JSON")
+
+
+def test_a_jsonl_without_a_valid_document_is_one_line(documents, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b"[1]\n{bad\n")
+    with pytest.raises(sources.DatasetMissing, match="no valid document.*2 bad lines"):
+        corpora.load_interleaved(path, sorted(map(str, documents.glob("*.tar"))))
 
 
 def test_an_image_missing_from_the_shards_is_counted_or_fatal_under_strict(documents, tmp_path):

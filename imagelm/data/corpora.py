@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from imagelm.data.sources import ImageData, fashion_mnist
-from imagelm.errors import DataError
+from imagelm.errors import DataError, DatasetMissing
 from imagelm.data.webdataset import ReadStats, ShardWriter, iter_samples
 
 log = logging.getLogger(__name__)
@@ -550,6 +550,8 @@ def load_interleaved(jsonl: str | Path, shards: str | Path | Sequence[str | Path
             meta.append(im)
         docs.append(Document(str(d.get("doc_id", len(docs))), list(d["text_list"]), images, positions, meta))
     _summarise(jsonl, bad)
+    if not docs:
+        raise DatasetMissing(f"no valid document in {jsonl}" + (f" ({sum(bad.values())} bad lines)" if bad else ""))
     return InterleavedData(docs, missing, dict(bad))
 
 
@@ -564,10 +566,10 @@ def document_texts(split: str, root: str | Path | None = None, n: int | None = N
 
 
 def load_corpus(kind: str, split: str, root: str | Path | None = None, n: int | None = None,
-                seed: int = 0) -> ImageTextData | InterleavedData:
+                seed: int = 0, strict: bool = False) -> ImageTextData | InterleavedData:
     """ensure_corpus + load: what a recipe calls."""
     c = ensure_corpus(kind, split, root, n, seed)
     if kind == "interleaved":
-        return load_interleaved(c.jsonl, c.shards)
-    return load_image_text(c.shards)
+        return load_interleaved(c.jsonl, c.shards, strict)
+    return load_image_text(c.shards, strict)
 
