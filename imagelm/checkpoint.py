@@ -55,7 +55,10 @@ def save(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: di
             _fsync(tmp / name)
     except (OSError, RuntimeError, SafetensorError) as e:    # torch and safetensors wrap the OS error
         shutil.rmtree(tmp, ignore_errors=True)
-        prev = latest(ckpt_root)
+        try:
+            prev = latest(ckpt_root)
+        except CheckpointError:
+            prev = None
         free = shutil.disk_usage(ckpt_root).free / 2**20
         raise CheckpointError(f"cannot write checkpoint {final} ({' '.join(str(e).split())[:200]}; {free:.0f} MiB "
                               f"free there); " + (f"the previous checkpoint {prev} is kept: free space and continue "

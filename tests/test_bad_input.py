@@ -110,6 +110,14 @@ def test_a_bad_config_value_is_one_line_naming_the_key(capsys, tmp_path, tiny_re
     assert not out.exists()            # refused before any work
 
 
+@pytest.mark.parametrize("override", ["tokenizer.vocab=1", "tokenizer.in_chans=2", "img_size=0", "tokenizer.ema=1",
+                                      "tokenizer.lr=0", "tokenizer.steps=-5", "tokenizer.kind=bpe"])
+def test_a_bad_tokenizer_job_is_one_line_naming_the_key(capsys, tmp_path, override):
+    rc, _, err = cli(capsys, "tokenizer", "train", override, "--out", tmp_path / "tok")
+    one_line_error(rc, err, "tokenizer", _key(override))
+    assert not (tmp_path / "tok").exists()
+
+
 def test_a_vit_width_its_positions_cannot_use_is_one_line(capsys, tmp_path, tiny_recipe):
     rc, _, err = cli(capsys, "pretrain", tiny_recipe, "model.dim=30", "--out", tmp_path / "run")
     one_line_error(rc, err, "pretrain", "model.dim", "multiple of 4")
