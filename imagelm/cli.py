@@ -2,18 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from imagelm import config
+from imagelm.errors import TrainingDiverged, UserError
+
+# what a user's input or machine causes, printed as one line (exit 2); anything else is a bug: traceback
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def positive(kind, zero: bool = False):
+    """An argparse type: a finite number of `kind` (int or float), > 0 (>= 0 with `zero`)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(v) or v < 0 or (v == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text!r}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def layer_spec(text: str) -> str:
+    if not config.LAYERS.ok(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: must {config.LAYERS.must}")
+    return text
 
 
 def cmd_pretrain(args) -> int:
-    from imagelm.train import Trainer
-
     out = Path(args.out or f"runs/{Path(args.recipe).stem}")
     cfg = config.load(args.recipe, args.overrides)
+    from imagelm.train import Trainer    # after the config: a bad one is reported without importing torch
     Trainer(cfg, out, minutes=args.minutes, resume=args.resume, progress=not args.no_progress).fit()
     return 0
 
@@ -56,7 +84,7 @@ def cmd_sample(args) -> int:
         raise FileNotFoundError(f"{run} has no checkpoint")
     _, _, device = dist.init()
     method = build_method(cfg)
-    method.load_state_dict(checkpoint.load_weights(ckpt))
+    checkpoint.load_into(method, ckpt)
     method.to(device).eval()
     from imagelm.methods import Completes, Reconstructs, require
     if args.reconstruct:
@@ -181,7 +209,10 @@ def cmd_data(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="imagelm", description=__doc__)
+    p = argparse.ArgumentParser(prog="imagelm", description=__doc__, epilog="A mistake in the input is reported "
+                                "in one line (exit code 2); --debug anywhere on the line (or IMAGELM_DEBUG=1) "
+                                "shows its traceback instead.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     sub = p.add_subparsers(dest="cmd", required=True)
     recipes = ", ".join(config.recipe_names())
 
@@ -190,7 +221,7 @@ def main(argv=None) -> int:
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.add_argument("--out", help="run directory (default runs/RECIPE)")
-    s.add_argument("--minutes", type=float, help="wall-clock budget: stop cleanly, checkpoint, exit 0")
+    s.add_argument("--minutes", type=positive(float), help="wall-clock budget: stop cleanly, checkpoint, exit 0")
     s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_pretrain)
@@ -204,7 +235,7 @@ def main(argv=None) -> int:
     s.add_argument("--retrieval", action="store_true", help="image-text runs: image<->text R@1/5/10 on held-out scenes")
     s.add_argument("--itm", action="store_true",
                    help="fusion encoders (beit3): image-text matching, fine-tuned on scenes with hard negatives")
-    s.add_argument("--layers", default="all", help="layers for the linear sweep: all, last:N or 1,3,5")
+    s.add_argument("--layers", default="all", type=layer_spec, help="layers for the linear sweep: all, last:N or 1,3,5")
     s.add_argument("--baselines", action="store_true", help="also probe raw pixels and the random-init encoder")
     s.add_argument("--finetune", action="store_true", help="also fine-tune end to end with a classifier (eval.finetune_* "
                    "keys: epochs, lr, images for low-data, gen_weight to keep the pretraining loss)")
@@ -225,10 +256,11 @@ def main(argv=None) -> int:
                       help="original, masked input, reconstruction, reconstruction with visible patches pasted")
     what.add_argument("--complete", choices=["top-half"],
                       help="original, the conditioning top half, sampled completions (KV-cached sampling)")
-    s.add_argument("--samples", type=int, default=3, help="completions per image (--complete)")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
-    s.add_argument("--n", type=int, default=8)
+    s.add_argument("--samples", type=positive(int), default=3, help="completions per image (--complete)")
+    s.add_argument("--temperature", type=positive(float), default=1.0)
+    s.add_argument("--top-k", type=positive(int, zero=True), default=0,
+                   help="sample among the k likeliest tokens (0 = all)")
+    s.add_argument("--n", type=positive(int), default=8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="grid.png")
     s.set_defaults(fn=cmd_sample)
@@ -240,7 +272,7 @@ def main(argv=None) -> int:
                         "data.dataset=... img_size=N (defaults: Fashion-MNIST, patch 4, 512 codes).")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.add_argument("--out", required=True)
-    t.add_argument("--minutes", type=float)
+    t.add_argument("--minutes", type=positive(float))
     t.add_argument("--json", action="store_true", help="print {codebook_usage, recon_mse, ...} as JSON")
     t.set_defaults(fn=cmd_tokenizer)
 
@@ -256,8 +288,8 @@ def main(argv=None) -> int:
                        "recipe, and a timm VisionTransformer of the same shape with the same loss, in one run.")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", metavar="key=value")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median reported)")
+    s.add_argument("--batch-size", type=positive(int), default=256)
+    s.add_argument("--steps", type=positive(int), default=10, help="timed steps per measurement (median reported)")
     s.add_argument("--no-peer", action="store_true", help="skip the timm comparison")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
@@ -270,7 +302,8 @@ def main(argv=None) -> int:
     s.add_argument("--out", help="corpus folder (default: the cache, $IMAGELM_CORPORA/KIND or "
                    "~/.cache/imagelm/corpora/KIND)")
     s.add_argument("--split", choices=["train", "test", "both"], default="both")
-    s.add_argument("--n", type=int, help="samples (captions: first N images; scenes; interleaved: documents) per split")
+    s.add_argument("--n", type=positive(int),
+                   help="samples (captions: first N images; scenes; interleaved: documents) per split")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--data-root", default="", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     s.set_defaults(fn=cmd_data)
@@ -286,22 +319,34 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_export)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("IMAGELM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]     # accepted after the command too
     args, extra = p.parse_known_args(argv)
     if extra:     # key=value overrides after an option (argparse stops the positional list there)
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
-            p.error(f"unrecognized arguments: {' '.join(extra)}")
+            p.print_usage(sys.stderr)
+            p.exit(2, f"imagelm {args.cmd}: error: unrecognized arguments: {' '.join(extra)}\n")
         args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
-    except (config.ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"imagelm {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from imagelm.train import TrainingDiverged
-        if isinstance(e, TrainingDiverged):
-            print(f"imagelm {args.cmd}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except Exception as e:
+        user = isinstance(e, (UserError, *USER_OS_ERRORS)) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
+        if debug or not (user or isinstance(e, TrainingDiverged)):
+            raise
+        print(f"imagelm {args.cmd}: error: {one_line(e)}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingDiverged) else 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"imagelm {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"            # not "[Errno 2] No such file or directory: 'x'"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

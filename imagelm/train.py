@@ -6,20 +6,20 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 import yaml
+
 from imagelm import checkpoint, dist, parallel
-from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict
+from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict, read_yaml
+from imagelm.errors import CheckpointError, TrainingDiverged  # noqa: F401 - importable from here
 from imagelm.data import sources
 from imagelm.data.loader import BatchLoader
 from imagelm.methods import PreparesData, build_method
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 REFIT = 100     # steps between refits of the schedule to a --minutes budget
@@ -36,6 +36,15 @@ def check_compiler(device: torch.device) -> None:
     if device.type == "cpu" and cpp_compiler() is None:
         raise ConfigError("train.compile=true on CPU needs a C++ compiler (install g++ or set CXX), "
                           "or pass train.compile=false")
+
+
+def on_sigterm(flag: list):
+    """Until the returned undo is called, SIGTERM (a cluster's preemption) appends to `flag`
+    instead of killing the process. Only the main thread may set handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = signal.signal(signal.SIGTERM, lambda *_: flag.append(signal.SIGTERM))
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -60,7 +69,7 @@ def load_run_config(run: Path) -> Config:
     path = Path(run) / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
-    return from_dict(drop_retired(yaml.safe_load(path.read_text())))
+    return from_dict(drop_retired(read_yaml(path, "run config")))
 
 
 class Trainer:
@@ -112,11 +121,11 @@ class Trainer:
     # --- run directory ----------------------------------------------------------------------------
     def _check_resume(self, resume: bool) -> None:
         cfg_path = self.out / "config.yaml"
-        self.resume_from = checkpoint.latest(self.ckpt_root) if resume else None
+        self.resume_from = checkpoint.latest(self.ckpt_root, state=True) if resume else None
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
         if self.resume_from is not None:
-            old = yaml.safe_load(cfg_path.read_text())
+            old = read_yaml(cfg_path, "run config")
             changed = diff(old, self.cfg.to_dict())
             if changed:
                 raise ConfigError(f"refusing to resume {self.out}: the config differs in {', '.join(changed)} "
@@ -137,13 +146,20 @@ class Trainer:
     def _load(self, ckpt: Path) -> None:
         if self.sharded:
             if not parallel.has_sharded(ckpt):
-                raise ConfigError(f"{ckpt} is not a sharded (train.parallel=fsdp) checkpoint")
-            parallel.load_sharded(ckpt, self.method, self.opt)
+                raise CheckpointError(f"{ckpt} is not a sharded (train.parallel=fsdp) checkpoint")
+            try:
+                parallel.load_sharded(ckpt, self.method, self.opt)
+            except Exception as e:     # noqa: BLE001 - DCP raises its own types for cut or foreign shards
+                raise CheckpointError(f"cannot load the shards of {ckpt}: {' '.join(str(e).split())[:300]}") from e
+            state = checkpoint.load_state(ckpt)
         else:
-            self.method.load_state_dict(checkpoint.load_weights(ckpt))
-        state = checkpoint.load_state(ckpt)
-        if not self.sharded:
-            self.opt.load_state_dict(state["optimizer"])
+            checkpoint.load_into(self.method, ckpt)
+            state = checkpoint.load_state(ckpt)
+            try:
+                self.opt.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:   # groups or sizes of another model
+                raise CheckpointError(f"{ckpt / checkpoint.STATE}: its optimizer state does not fit this model "
+                                      f"({e})") from e
         self.step, self.total = state["step"], state["total"]
         torch.set_rng_state(state["rng_cpu"])
 
@@ -227,6 +243,8 @@ class Trainer:
         # stops before its learning rate has decayed
         fitting = bool(deadline) and self.step == 0
         mark = (self.step, time.time())
+        preempted: list = []          # SIGTERM: stop after this step, checkpoint, return (exit 0)
+        undo = on_sigterm(preempted)
         try:
             while self.step < min(self.total, until or self.total):
                 if fitting and (self.step == 5 or self.step == 20 or (self.step > 20 and self.step % REFIT == 0)):
@@ -236,7 +254,7 @@ class Trainer:
                             bar.total = self.total
                             bar.refresh()
                     mark = (self.step, time.time())
-                stop = deadline is not None and time.time() > deadline
+                stop = bool(preempted) or (deadline is not None and time.time() > deadline)
                 if self.world > 1:   # every rank stops at the same step
                     stop = bool(dist.mean(torch.tensor(float(stop))).item() > 0)
                 if stop:
@@ -258,13 +276,20 @@ class Trainer:
                         imgs, tick = 0, now
                 if self.step % self.cfg.train.ckpt_every == 0 and self.step < self.total:
                     self.save()
+        except BaseException:
+            undo()
+            raise
         finally:
             if self.rank == 0:
                 bar.close()
                 writer.close()
                 log_file.close()
-        path = self.save()
+        try:
+            path = self.save()        # a SIGTERM now still waits for it
+        finally:
+            undo()
         if self.rank == 0:
-            done = "finished" if self.step >= self.total else "stopped at the time budget"
+            done = "finished" if self.step >= self.total else \
+                "stopped by SIGTERM (continue with --resume)" if preempted else "stopped at the time budget"
             print(f"{done}: step {self.step}/{self.total}, checkpoint {path}")
         return path

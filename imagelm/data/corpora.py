@@ -11,9 +11,11 @@
 
 Everything is a deterministic function of (kind, split, n, seed). Train/test corpora use only
 Fashion-MNIST's train/test images. `ensure_corpus` builds a corpus into a cache on first use;
-its manifest.json is written last, so a half-built corpus is rebuilt."""
+its manifest.json is written last, so a half-built corpus is rebuilt. A folder imagelm builds
+holds a marker file (MARKER): a folder without one is never deleted or overwritten."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -22,12 +24,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from imagelm.data.sources import ImageData, fashion_mnist
+from imagelm.errors import DataError, DatasetMissing
 from imagelm.data.webdataset import ReadStats, ShardWriter, iter_samples
 
 log = logging.getLogger(__name__)
@@ -160,9 +163,39 @@ def _source(split: str, root: str, data: ImageData | None) -> tuple[ImageData, t
     return data, attribute_thresholds(ref.images, ref.labels, len(ref.classes))
 
 
+MARKER = ".imagelm-corpus"     # in every folder imagelm builds a corpus in: the only ones it may delete
+
+
+def _read_manifest(out: Path) -> dict | None:
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("shards"), list) else None
+
+
+def _built_here(out: Path) -> bool:
+    """Whether imagelm built the corpus in `out` (its marker, or a manifest of a build before markers)."""
+    m = _read_manifest(out) or {}
+    return (out / MARKER).exists() or (m.get("kind") in KINDS and "version" in m and "requested_n" in m)
+
+
+def _refuse_foreign(out: Path, why: str) -> None:
+    """DataError unless `out` is absent, empty, or a corpus imagelm built."""
+    if out.is_dir() and any(out.iterdir()) and not _built_here(out):
+        raise DataError(f"{out} {why}, and imagelm did not build it (no {MARKER}): imagelm never deletes or "
+                        f"overwrites a folder it did not create. To read your own shards there, write a "
+                        f"manifest.json listing them ({{\"shards\": [\"00000.tar\", ...]}}); to have imagelm build "
+                        f"a corpus, point it at an empty or new folder")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a corpus folder")
+
+
 def _prepare(out: Path, prefixes: Sequence[str]) -> None:
     """Remove what an earlier build of this corpus left (manifest first: the dir is not complete)."""
+    _refuse_foreign(out, "holds files")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("built by imagelm: it may delete and rebuild this folder\n")
     (out / "manifest.json").unlink(missing_ok=True)
     for p in prefixes:
         for f in out.glob(f"{p}-*.tar"):
@@ -186,6 +219,7 @@ def build_captions(out: str | Path, split: str = "train", n: int | None = None, 
     """One sample per image (the first n, all by default): KEY.png (1, 28, 28), KEY.txt caption,
     KEY.json {"label", "class", "attributes"}. Returns the manifest."""
     t0, out, requested = time.time(), Path(out), n
+    _refuse_foreign(out, "holds files")          # before any work
     data, th = _source(split, root, data)
     n = len(data) if n is None else min(n, len(data))
     images, labels = data.images[:n], data.labels[:n]
@@ -207,6 +241,7 @@ def build_scenes(out: str | Path, split: str = "train", n: int | None = None, se
     {"layout", "items": [{"label", "class", "position", "box": [x, y, w, h], "index",
     "attributes"}]} with items in position order; "index" is the item's image in the split."""
     t0, out = time.time(), Path(out)
+    _refuse_foreign(out, "holds files")          # before any work
     data, th = _source(split, root, data)
     n = DEFAULT_N["scenes"].get(split, 1000) if n is None else n
     rng = random.Random(f"scenes-{split}-{seed}")
@@ -290,6 +325,7 @@ def build_interleaved(out: str | Path, split: str = "train", n: int | None = Non
     """n documents with 1-4 images each: docs.jsonl (one MMC4-style document a line) and
     images-NNNNNN.tar shards whose members are the documents' image_name (KEY.png)."""
     t0, out = time.time(), Path(out)
+    _refuse_foreign(out, "holds files")          # before any work
     data, th = _source(split, root, data)
     n = DEFAULT_N["interleaved"].get(split, 1000) if n is None else n
     rng = random.Random(f"interleaved-{split}-{seed}")
@@ -345,12 +381,13 @@ def ensure_corpus(kind: str, split: str, root: str | Path | None = None, n: int 
         raise ValueError(f"unknown corpus kind {kind!r}; expected one of {', '.join(KINDS)}")
     out = Path(root or default_root()) / kind / split
     want_n = n if n is not None else DEFAULT_N[kind].get(split)
-    mf = out / "manifest.json"
-    if mf.exists():
-        m = json.loads(mf.read_text())
-        if m.get("version") == VERSION and m.get("seed") == seed and m.get("requested_n") == want_n and \
-                all((out / s).exists() for s in m["shards"]):
-            return _corpus(out, m)
+    m = _read_manifest(out)
+    if m is not None and all(isinstance(s, str) and (out / s).is_file() for s in m["shards"]) and \
+            (kind != "interleaved" or isinstance(m.get("jsonl"), str) and (out / m["jsonl"]).is_file()):
+        if not _built_here(out) or (m.get("version") == VERSION and m.get("seed") == seed and
+                                    m.get("requested_n") == want_n):
+            return _corpus(out, m)                  # the user's own corpus is read as it is
+    _refuse_foreign(out, "has no complete manifest.json (one naming its shards, all present)")
     log.info("building the %s %s corpus in %s", kind, split, out)
     if out.exists():
         shutil.rmtree(out)
@@ -436,6 +473,58 @@ class Document:
 class InterleavedData:
     docs: list[Document]
     missing_images: int = 0            # image_info entries whose image was absent or undecodable
+    bad_lines: dict[str, int] = field(default_factory=dict)   # JSONL lines left out, by reason
+
+
+def _document_problem(d) -> str | None:
+    """Why a parsed JSONL line is not an MMC4-style document, or None."""
+    if not isinstance(d, dict):
+        return "not a JSON object"
+    texts = d.get("text_list")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return "text_list missing or not a list of strings"
+    info = d.get("image_info", [])
+    if not isinstance(info, list):
+        return "image_info not a list"
+    for im in info:
+        if not isinstance(im, dict) or not isinstance(im.get("image_name"), str) or not im["image_name"]:
+            return "image_info entry without an image_name"
+        i = im.get("matched_text_index")
+        if not isinstance(i, int) or isinstance(i, bool):
+            return "matched_text_index missing or not an integer"
+        if not 0 <= i <= len(texts):
+            return "matched_text_index out of range"
+    return None
+
+
+def read_documents(jsonl: str | Path, strict: bool = False, bad: collections.Counter | None = None) -> Iterator[dict]:
+    """The valid documents of an MMC4-style JSONL file. A line that is not UTF-8, not JSON, or not
+    a document (see _document_problem) is skipped and counted in `bad` by reason, or under strict
+    raises DataError naming file:line."""
+    bad = bad if bad is not None else collections.Counter()
+    with open(jsonl, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw.decode("utf-8"))
+                why = _document_problem(d)
+            except UnicodeDecodeError:
+                why = "not UTF-8"
+            except ValueError:
+                why = "invalid JSON"
+            if why is None:
+                yield d
+                continue
+            if strict:
+                raise DataError(f"{jsonl}:{lineno}: {why} (data.strict=true; false skips such lines and counts them)")
+            bad[why] += 1
+
+
+def _summarise(jsonl, bad: collections.Counter) -> None:
+    if bad:
+        log.warning("skipped %d lines of %s: %s", sum(bad.values()), jsonl,
+                    ", ".join(f"{n} {why}" for why, n in bad.most_common()))
 
 
 def load_interleaved(jsonl: str | Path, shards: str | Path | Sequence[str | Path],
@@ -445,40 +534,42 @@ def load_interleaved(jsonl: str | Path, shards: str | Path | Sequence[str | Path
     stats = ReadStats()
     pool = {os.path.basename(s["__key__"]): s["png"] for s in iter_samples(shards, strict=strict, stats=stats)
             if "png" in s}
-    docs, missing = [], stats.skipped
-    with open(jsonl) as f:
-        for line in f:
-            if not line.strip():
+    docs, missing, bad = [], stats.skipped, collections.Counter()
+    for d in read_documents(jsonl, strict, bad):
+        images, positions, meta = [], [], []
+        for im in d.get("image_info", []):
+            key = os.path.basename(im["image_name"]).rsplit(".", 1)[0]
+            if key not in pool:
+                if strict:
+                    raise DataError(f"image {im['image_name']} of document {d.get('doc_id')} in {jsonl} is not in "
+                                    f"the shards")
+                missing += 1
                 continue
-            d = json.loads(line)
-            images, positions, meta = [], [], []
-            for im in d.get("image_info", []):
-                key = im["image_name"].rsplit(".", 1)[0]
-                if key not in pool:
-                    if strict:
-                        raise ValueError(f"image {im['image_name']} of document {d.get('doc_id')} is not in the shards")
-                    missing += 1
-                    continue
-                images.append(pool[key])
-                positions.append(int(im["matched_text_index"]))
-                meta.append(im)
-            docs.append(Document(str(d.get("doc_id", len(docs))), list(d["text_list"]), images, positions, meta))
-    return InterleavedData(docs, missing)
+            images.append(pool[key])
+            positions.append(im["matched_text_index"])
+            meta.append(im)
+        docs.append(Document(str(d.get("doc_id", len(docs))), list(d["text_list"]), images, positions, meta))
+    _summarise(jsonl, bad)
+    if not docs:
+        raise DatasetMissing(f"no valid document in {jsonl}" + (f" ({sum(bad.values())} bad lines)" if bad else ""))
+    return InterleavedData(docs, missing, dict(bad))
 
 
 def document_texts(split: str, root: str | Path | None = None, n: int | None = None, seed: int = 0) -> list[str]:
     """The text of each interleaved document (its segments in order, images left out): a text-only
     corpus, read from the JSONL alone."""
     c = ensure_corpus("interleaved", split, root, n, seed)
-    with open(c.jsonl) as f:
-        return [" ".join(json.loads(line)["text_list"]) for line in f if line.strip()]
+    bad: collections.Counter = collections.Counter()
+    texts = [" ".join(d["text_list"]) for d in read_documents(c.jsonl, bad=bad)]
+    _summarise(c.jsonl, bad)
+    return texts
 
 
 def load_corpus(kind: str, split: str, root: str | Path | None = None, n: int | None = None,
-                seed: int = 0) -> ImageTextData | InterleavedData:
+                seed: int = 0, strict: bool = False) -> ImageTextData | InterleavedData:
     """ensure_corpus + load: what a recipe calls."""
     c = ensure_corpus(kind, split, root, n, seed)
     if kind == "interleaved":
-        return load_interleaved(c.jsonl, c.shards)
-    return load_image_text(c.shards)
+        return load_interleaved(c.jsonl, c.shards, strict)
+    return load_image_text(c.shards, strict)
 

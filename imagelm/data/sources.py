@@ -11,16 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imagelm.errors import DataError, DatasetMissing  # noqa: F401 - DatasetMissing: callers import it from here
+
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DatasetMissing(FileNotFoundError):
-    pass
 
 
 @dataclass
@@ -147,7 +145,7 @@ def image_text(kinds: list[str], split: str, size: int, root: str = "", n: int =
                      texts=[c for p in parts for c in p.captions], corpus={"root": root or None, "n": n or None})
 
 
-def interleaved(split: str, size: int, root: str = "", n: int = 0) -> ImageData:
+def interleaved(split: str, size: int, root: str = "", n: int = 0, strict: bool = False) -> ImageData:
     """MMC4-style documents as samples: images (N, J, C, H, W) zero-padded to the longest document,
     the documents themselves (text segments and image places) in `documents`."""
     from imagelm import dist
@@ -157,7 +155,7 @@ def interleaved(split: str, size: int, root: str = "", n: int = 0) -> ImageData:
         if torch.distributed.get_rank() == 0:
             corpora.ensure_corpus("interleaved", split, root or None, n or None)
         dist.barrier()
-    docs = corpora.load_corpus("interleaved", split, root or None, n or None)
+    docs = corpora.load_corpus("interleaved", split, root or None, n or None, strict=strict)
     J = max(1, max(len(d.images) for d in docs.docs))
     C = next((im.shape[0] for d in docs.docs for im in d.images), None)
     if C is None:
@@ -174,7 +172,7 @@ def _read(data_cfg, model_cfg, split: str) -> ImageData:
     if data_cfg.dataset == "fashion-mnist":
         return fashion_mnist(split, data_cfg.root)
     if data_cfg.dataset == "interleaved":
-        return interleaved(split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size)
+        return interleaved(split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size, data_cfg.strict)
     if data_cfg.dataset in ("captions", "scenes", "captions+scenes"):
         return image_text(data_cfg.dataset.split("+"), split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size)
     if data_cfg.dataset == "folder":
@@ -194,7 +192,7 @@ def load(data_cfg, model_cfg, split: str, train: ImageData | None = None) -> Ima
         train.images = resize(train.images, model_cfg.img_size)
     ref = train.images.flatten(0, -4)           # documents hold (J, C, H, W) per sample
     if ref.shape[1] != model_cfg.in_chans or ref.shape[-1] != model_cfg.img_size:
-        raise ValueError(f"{data_cfg.dataset} images are {tuple(ref.shape[1:])}, but model.in_chans="
+        raise DataError(f"{data_cfg.dataset} images are {tuple(ref.shape[1:])}, but model.in_chans="
                          f"{model_cfg.in_chans} and model.img_size={model_cfg.img_size}")
     if train.mean and train is not ds:
         ds.mean, ds.std = train.mean, train.std

@@ -23,16 +23,15 @@ def parse_layers(spec: str, depth: int) -> list[int]:
     """'all' -> 0..depth (0 = embeddings); 'last:N' -> the last N blocks; '2,4,6' -> those."""
     if spec == "all":
         return list(range(depth + 1))
+    from imagelm.config import LAYERS
+    if not LAYERS.ok(spec):
+        raise ConfigError(f"bad layer list {spec!r}: it must {LAYERS.must}")
     if spec.startswith("last:"):
-        n = int(spec[5:])
-        return list(range(max(1, depth - n + 1), depth + 1))
-    try:
-        layers = sorted({int(x) for x in spec.split(",")})
-    except ValueError:
-        raise ValueError(f"bad layer list {spec!r}: use 'all', 'last:N' or comma-separated integers") from None
+        return list(range(max(1, depth - int(spec[5:]) + 1), depth + 1))
+    layers = sorted({int(x) for x in spec.split(",")})
     bad = [l for l in layers if not 0 <= l <= depth]
     if bad:
-        raise ValueError(f"layers {bad} are out of range: the encoder has layers 0..{depth}")
+        raise ConfigError(f"layers {bad} are out of range: the encoder has layers 0..{depth} (0 = the embeddings)")
     return layers
 
 
@@ -97,6 +96,13 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         for d in (train, test):
             d.mean, d.std = ref.mean, ref.std
     classes = len(train.classes)
+    fit = len(train) - cfg.eval.val_size      # the probes fit on these and choose on the val_size held out
+    if fit < 1 and ("linear" in probes or "knn" in probes):
+        raise ConfigError(f"eval.val_size={cfg.eval.val_size} holds out all {len(train)} training images, leaving "
+                          f"none to fit the probes on: pass eval.val_size={max(1, len(train) // 5)}")
+    if "knn" in probes and cfg.eval.knn_k > fit:
+        log(f"warning: eval.knn_k={cfg.eval.knn_k} is more than the {fit} images the k-NN votes with; using k={fit}")
+        cfg.eval = dataclasses.replace(cfg.eval, knn_k=fit)
     if (train.labels < 0).any() and (probes or finetune):
         raise ConfigError(f"{cfg.data.dataset} has no class labels to probe with: pass eval.dataset=fashion-mnist "
                           f"(or another labelled dataset)")
@@ -122,7 +128,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         log(f"{name}:")
         torch.manual_seed(cfg.train.seed)       # the same init the run started from
         method = build_method(cfg)
-        weights = checkpoint.load_weights(ckpt)
+        weights = checkpoint.load_weights(ckpt, like=method.state_dict())
         if load:
             method.load_state_dict(weights)
         else:   # untrained, but with the run's fitted preprocessing (e.g. iGPT's palette): buffers only
@@ -187,7 +193,7 @@ def image_text_eval(run: Path, cfg, pairs: sources.ImageData, test: sources.Imag
 
     def load():
         m = build_method(cfg)
-        m.load_state_dict(checkpoint.load_weights(checkpoint.latest(run / "checkpoints")))
+        checkpoint.load_into(m, checkpoint.latest(run / "checkpoints"))
         if not hasattr(m, "load_tokenizer"):
             raise ConfigError(f"method '{cfg.method}' has no text encoder: --zero-shot/--retrieval/--itm need an "
                               f"image-text run such as clip or beit3")
@@ -254,7 +260,10 @@ def compare(runs: list[Path]) -> str:
         path = run / "eval" / "probes.json"
         if not path.exists():
             raise FileNotFoundError(f"{run} has no eval/probes.json: run `imagelm eval {run}` first")
-        r = json.loads(path.read_text())
+        try:
+            r = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{path} is not readable JSON ({e}): run `imagelm eval {run}` again") from None
         rows.append((run.name, r))
         if not base:
             base = [(k, r[k]) for k in ("random_init", "raw_pixels") if k in r]

@@ -7,13 +7,13 @@ the loss covers only patches after the prefix, against per-patch normalised pixe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagelm.config import ModelConfig
+from imagelm.config import NON_NEGATIVE, POSITIVE, ModelConfig
 from imagelm.methods import Method, Output, register
 from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import ResidualMLPHead
@@ -28,8 +28,8 @@ class AIMConfig(TokenTargets):
     order: Literal["raster", "spiral", "checkerboard", "random"] = "raster"
     norm_pix: bool = True        # per-patch normalised targets; false = raw-pixel MSE
     loss: Literal["mse", "token_ce"] = "mse"   # token_ce: cross-entropy on visual-token codes
-    head_depth: int = 12
-    head_width: int = 2048
+    head_depth: Annotated[int, NON_NEGATIVE] = 12
+    head_width: Annotated[int, POSITIVE] = 2048
 
 
 def patch_order(kind: str, grid: int, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagelm.config import ModelConfig
+from imagelm.config import POSITIVE, RATIO, ModelConfig, Unit
 from imagelm.methods import Method, Output, register
 from imagelm.nn.vit import ViT
 from imagelm.tokenizers.visual import TokenTargets, VisualTokenizer, prepare_tokenizer
@@ -23,10 +23,10 @@ from imagelm.tokenizers.visual import TokenTargets, VisualTokenizer, prepare_tok
 
 @dataclass
 class BEiTConfig(TokenTargets):
-    mask_ratio: float = 0.4
+    mask_ratio: Annotated[float, RATIO] = 0.4
     masking: Literal["block", "random"] = "block"   # random: the ablation
-    min_block: int = 16          # patches, at BEiT's 14 x 14 grid; scaled to other grids by area
-    aspect: float = 0.3          # block aspect ratio in [aspect, 1 / aspect]
+    min_block: Annotated[int, POSITIVE] = 16          # patches, at BEiT's 14 x 14 grid; scaled to other grids by area
+    aspect: Unit = 0.3                    # block aspect ratio in [aspect, 1 / aspect]
 
 
 def block_mask(grid: int, count: int, min_block: int, aspect: float, rng: random.Random) -> torch.Tensor:

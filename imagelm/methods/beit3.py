@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from imagelm import dist
-from imagelm.config import ConfigError, ModelConfig
+from imagelm.config import NON_NEGATIVE, POSITIVE, RATIO, Check, ConfigError, ModelConfig, Unit
 from imagelm.methods import Method, Output, register
 from imagelm.methods.beit import block_masks
 from imagelm.nn.transformer import LANGUAGE, VISION
@@ -30,20 +31,24 @@ IMAGE, TEXT, PAIR = 0, 1, 2          # what a sample is used as
 EOT_ID, PAD_ID, MASK_ID = (SPECIAL_TOKENS.index(t) for t in (EOT, PAD, MASK))
 
 
+MIX = Check(lambda v: len(v) == 3 and sum(v) > 0, "be three shares [image, text, pair], not all 0")
+
+
 @dataclass
 class BEiT3Config(TokenTargets):
-    vl_layers: int = 3                 # top blocks with a vision-language expert
-    image_mask_ratio: float = 0.4      # block-wise
-    min_block: int = 16                # patches, at a 14 x 14 grid; scaled to other grids by area
-    aspect: float = 0.3
-    text_mask_ratio: float = 0.15      # texts alone
-    pair_text_mask_ratio: float = 0.5  # the captions of image-text pairs
-    mix: tuple[float, ...] = (1.0, 1.0, 1.0)   # image : text : pair, the share of samples used as each
+    vl_layers: Annotated[int, NON_NEGATIVE] = 3                 # top blocks with a vision-language expert
+    image_mask_ratio: Annotated[float, RATIO] = 0.4      # block-wise
+    min_block: Annotated[int, POSITIVE] = 16                # patches, at a 14 x 14 grid; scaled to other grids by area
+    aspect: Unit = 0.3
+    text_mask_ratio: Annotated[float, RATIO] = 0.15      # texts alone
+    pair_text_mask_ratio: Annotated[float, RATIO] = 0.5  # the captions of image-text pairs
+    mix: Annotated[tuple[Annotated[float, NON_NEGATIVE], ...], MIX] = (1.0, 1.0, 1.0)
+                                       # image : text : pair, the share of samples used as each
     text_documents: bool = True        # the text stream also reads the interleaved documents' text
-    context_length: int = 64
-    text_vocab: int = 64010            # BEiT-3's SentencePiece vocabulary
+    context_length: Annotated[int, POSITIVE] = 64
+    text_vocab: Annotated[int, POSITIVE] = 64010            # BEiT-3's SentencePiece vocabulary
     text_tokenizer: str = ""           # a saved text tokenizer; "" = RUN/text_tokenizer, trained on first use
-    seed: int = 0
+    seed: Annotated[int, NON_NEGATIVE] = 0
 
 
 @register("beit3")
@@ -52,8 +57,6 @@ class BEiT3(Method):
 
     def __init__(self, model: ModelConfig, cfg: BEiT3Config):
         super().__init__()
-        if len(cfg.mix) != 3 or min(cfg.mix) < 0 or sum(cfg.mix) <= 0:
-            raise ConfigError(f"beit3.mix={list(cfg.mix)}: give three non-negative shares (image, text, pair)")
         self.cfg = cfg
         self.encoder = ViT(model, multiway=True, vl_layers=cfg.vl_layers)
         K, L = self.encoder.num_patches, cfg.context_length

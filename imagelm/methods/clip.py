@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from imagelm import dist
-from imagelm.config import ModelConfig
+from imagelm.config import POSITIVE, ModelConfig, Rule
 from imagelm.methods import Method, Output, register
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.vit import ViT
@@ -24,15 +25,18 @@ from imagelm.tokenizers.text import load_or_train
 
 @dataclass
 class CLIPConfig:
-    embed_dim: int = 512         # the joint space (ViT-B/32)
-    context_length: int = 77
-    text_vocab: int = 49408      # BPE vocabulary (trained on the corpus; a small corpus gives fewer merges)
-    text_dim: int = 512
-    text_depth: int = 12
-    text_heads: int = 8
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0   # temperature clamped at 1/100 (logit scale at ln 100)
+    embed_dim: Annotated[int, POSITIVE] = 512         # the joint space (ViT-B/32)
+    context_length: Annotated[int, POSITIVE] = 77
+    text_vocab: Annotated[int, POSITIVE] = 49408
+                                 # BPE vocabulary (trained on the corpus; a small corpus gives fewer merges)
+    text_dim: Annotated[int, POSITIVE] = 512
+    text_depth: Annotated[int, POSITIVE] = 12
+    text_heads: Annotated[int, POSITIVE] = 8
+    init_temperature: Annotated[float, POSITIVE] = 0.07
+    max_logit_scale: Annotated[float, POSITIVE] = 100.0   # temperature clamped at 1/100 (logit scale at ln 100)
     tokenizer: str = ""          # a saved text tokenizer; "" = RUN/text_tokenizer, trained on first use
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        (lambda c: c.text_dim % c.text_heads == 0, "{w}text_dim must be a multiple of {w}text_heads"),)
 
 
 @register("clip")

@@ -9,13 +9,13 @@ layer is usually in the middle of the network.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagelm.config import ConfigError, ModelConfig
+from imagelm.config import NON_NEGATIVE, POSITIVE, RATIO, Check, ConfigError, ModelConfig
 from imagelm.methods import Method, Output, register
 from imagelm.nn.gpt import TokenTransformer, generate
 from imagelm.tokenizers.palette import Palette
@@ -24,10 +24,12 @@ from imagelm.tokenizers.palette import Palette
 @dataclass
 class IGPTConfig:
     objective: Literal["ar", "bert"] = "ar"
-    palette: int = 512           # colours (9 bits); grey images need far fewer
-    resolution: int = 32         # pixels per side the model sees (input is area-downsampled); 0 = model.img_size
-    mask_ratio: float = 0.15     # BERT
-    palette_pixels: int = 100_000   # pixels sampled for the palette's k-means
+    palette: Annotated[int, Check(lambda v: v >= 2, "be >= 2")] = 512
+                                 # colours (9 bits); grey images need far fewer
+    resolution: Annotated[int, NON_NEGATIVE] = 32
+                                 # pixels per side the model sees (input is area-downsampled); 0 = model.img_size
+    mask_ratio: Annotated[float, RATIO] = 0.15     # BERT
+    palette_pixels: Annotated[int, POSITIVE] = 100_000   # pixels sampled for the palette's k-means
 
 
 class PixelGPT(nn.Module):

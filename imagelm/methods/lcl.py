@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from imagelm import dist
-from imagelm.config import ConfigError, ModelConfig
+from imagelm.config import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, ModelConfig, Rule
 from imagelm.methods import Method, Output, register
 from imagelm.methods.clip import logit_scale
 from imagelm.nn.gpt import TokenTransformer
@@ -31,20 +31,24 @@ from imagelm.tokenizers.text import load_or_train
 @dataclass
 class LCLConfig:
     objective: Literal["both", "contrastive", "generation"] = "both"   # the paper's ablation
-    text_weight: float = 1.0
-    contrastive_weight: float = 0.1
-    embed_dim: int = 256         # the latent z and the <boi> prediction
+    text_weight: Annotated[float, NON_NEGATIVE] = 1.0
+    contrastive_weight: Annotated[float, NON_NEGATIVE] = 0.1
+    embed_dim: Annotated[int, POSITIVE] = 256         # the latent z and the <boi> prediction
     pool: Literal["attention", "mean"] = "attention"   # how z_k summarises the patch tokens (paper: attention)
-    image_tokens: int = 0        # visual tokens per image in the sequence (0 = every patch; else g*g pooled)
-    context_length: int = 2048   # document tokens, images included
-    text_vocab: int = 32000
-    text_dim: int = 512
-    text_depth: int = 12
-    text_heads: int = 8
-    init_temperature: float = 0.07
-    caption_image_first: float = 0.5   # captions as one-image documents: P(image before its caption)
+    image_tokens: Annotated[int, NON_NEGATIVE] = 0
+                                 # visual tokens per image in the sequence (0 = every patch; else g*g pooled)
+    context_length: Annotated[int, POSITIVE] = 2048   # document tokens, images included
+    text_vocab: Annotated[int, POSITIVE] = 32000
+    text_dim: Annotated[int, POSITIVE] = 512
+    text_depth: Annotated[int, POSITIVE] = 12
+    text_heads: Annotated[int, POSITIVE] = 8
+    init_temperature: Annotated[float, POSITIVE] = 0.07
+    caption_image_first: Annotated[float, FRACTION] = 0.5
+                                 # captions as one-image documents: P(image before its caption)
     tokenizer: str = ""          # a saved text tokenizer; "" = RUN/text_tokenizer, trained on first use
-    seed: int = 0
+    seed: Annotated[int, NON_NEGATIVE] = 0
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        (lambda c: c.text_dim % c.text_heads == 0, "{w}text_dim must be a multiple of {w}text_heads"),)
 
 
 @register("lcl")

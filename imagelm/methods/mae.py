@@ -8,11 +8,12 @@ against per-patch normalised pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import torch
 from torch import nn
 
-from imagelm.config import ModelConfig
+from imagelm.config import POSITIVE, RATIO, ModelConfig, Rule
 from imagelm.methods import Method, Output, register
 from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import MaskedDecoder
@@ -21,14 +22,17 @@ from imagelm.nn.vit import ViT
 
 @dataclass
 class MAEConfig:
-    mask_ratio: float = 0.75
+    mask_ratio: Annotated[float, RATIO] = 0.75
     norm_pix: bool = True
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
+    decoder_dim: Annotated[int, POSITIVE] = 512
+    decoder_depth: Annotated[int, POSITIVE] = 8
+    decoder_heads: Annotated[int, POSITIVE] = 16
     # Ablation (BEiT/SimMIM style): the encoder sees the full sequence with a [MASK] embedding at
     # masked positions. Same loss; ~3x the encoder compute at 75% masking.
     encode_mask_tokens: bool = False
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        (lambda c: c.decoder_dim % c.decoder_heads == 0, "{w}decoder_dim must be a multiple of {w}decoder_heads"),
+        (lambda c: c.decoder_dim % 4 == 0, "{w}decoder_dim must be a multiple of 4 (2-D sin-cos positions)"),)
 
 
 def random_masking(noise: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from imagelm.errors import ConfigError
+
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, K, p*p*C), K = (H/p)(W/p) in raster order; pixels inside a patch are (p, p, C)."""
@@ -43,7 +45,9 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
     """(h*w, dim) fixed 2-D positions: half the channels encode the row, half the column."""
-    assert dim % 4 == 0, "sin-cos 2-D positions need dim divisible by 4"
+    if dim % 4:
+        raise ConfigError(f"a width of {dim} cannot hold 2-D sin-cos positions: model.dim (and a decoder's dim) "
+                          f"must be a multiple of 4")
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return torch.cat([sincos_1d(dim // 2, ys.flatten()), sincos_1d(dim // 2, xs.flatten())], dim=1)
 

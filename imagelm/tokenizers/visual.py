@@ -12,7 +12,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,28 +20,31 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from imagelm.config import DataConfig
+from imagelm.config import CHANNELS, NON_NEGATIVE, POSITIVE, Beta, Check, DataConfig
 from imagelm.nn.embed import normalize_rows, normalized_patches
 
 FORMAT_VERSION = 1
 
 
+VOCAB = Check(lambda v: v >= 2, "be >= 2 (codes in the codebook)")
+
+
 @dataclass
 class TokenizerConfig:
     kind: Literal["vq", "kmeans"] = "vq"
-    vocab: int = 8192            # BEiT's codebook size
-    patch_size: int = 16
-    in_chans: int = 3
+    vocab: Annotated[int, VOCAB] = 8192   # BEiT's codebook size
+    patch_size: Annotated[int, POSITIVE] = 16
+    in_chans: Annotated[int, CHANNELS] = 3
     norm_pix: bool = True        # tokenize per-patch normalised pixels
-    context: int = 0             # neighbouring patches on each side a code also sees: a (2c+1)p-pixel window,
-                                 # as DALL-E's conv encoder (BEiT's tokenizer) sees beyond its cell
-    dim: int = 32                # VQ latent size
-    hidden: int = 256            # VQ encoder/decoder MLP width
-    beta: float = 0.25           # commitment weight (VQ-VAE)
-    ema: float = 0.99            # codebook EMA decay
-    steps: int = 2000
-    batch_size: int = 64         # images per step (x patches per image)
-    lr: float = 1e-3
+    context: Annotated[int, NON_NEGATIVE] = 0   # neighbouring patches on each side a code also sees: a (2c+1)p-pixel
+                                 # window, as DALL-E's conv encoder (BEiT's tokenizer) sees beyond its cell
+    dim: Annotated[int, POSITIVE] = 32       # VQ latent size
+    hidden: Annotated[int, POSITIVE] = 256   # VQ encoder/decoder MLP width
+    beta: Annotated[float, NON_NEGATIVE] = 0.25   # commitment weight (VQ-VAE)
+    ema: Beta = 0.99             # codebook EMA decay
+    steps: Annotated[int, POSITIVE] = 2000
+    batch_size: Annotated[int, POSITIVE] = 64   # images per step (x patches per image)
+    lr: Annotated[float, POSITIVE] = 1e-3
     seed: int = 0
 
 
@@ -51,7 +54,7 @@ class TokenizerJob:
     tokenizer: TokenizerConfig = dataclasses.field(
         default_factory=lambda: TokenizerConfig(vocab=512, patch_size=4, in_chans=1))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    img_size: int = 28
+    img_size: Annotated[int, POSITIVE] = 28
 
 
 def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -228,10 +231,10 @@ class TokenTargets:
     """Config fields of a method whose targets are visual-token codes (BEiT, AIM token_ce)."""
     tokenizer: str = ""          # a saved tokenizer folder; "" = RUN/tokenizer, trained on first use
     tokenizer_kind: Literal["vq", "kmeans"] = "vq"
-    vocab: int = 8192
-    tokenizer_steps: int = 2000
+    vocab: Annotated[int, VOCAB] = 8192
+    tokenizer_steps: Annotated[int, POSITIVE] = 2000
     tokenizer_norm_pix: bool = True   # tokenize per-patch normalised pixels (BEiT's dVAE sees raw pixels)
-    tokenizer_context: int = 0        # neighbouring patches each code also sees (TokenizerConfig.context)
+    tokenizer_context: Annotated[int, NON_NEGATIVE] = 0   # neighbouring patches each code also sees (as .context)
 
     def tokenizer_config(self, model) -> TokenizerConfig:
         """The tokenizer these targets call for, on the backbone's patches."""
