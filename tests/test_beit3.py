@@ -97,15 +97,21 @@ def test_loss_covers_only_masked_positions():
     m.tokenizer.encode = lambda images: codes
     seen = []
     loss = m.loss
-    m.loss = lambda preds: seen.extend(preds) or loss(preds)
+    m.loss = lambda preds, batch: seen.extend(preds) or loss(preds, batch)
     text = _text(4)
     batch = {"image": torch.randn(4, 1, 8, 8), "noise": torch.rand(4, m.noise_dim), "text": text, "text_only": text}
     m(batch)
-    (img_logits, img_target), (txt_logits, txt_target) = seen
+    (img_logits, img_target, img_rows), (txt_logits, txt_target, txt_rows) = seen
     vis = m.mask_image(batch["noise"][:, 1]).bool()
     _, where = BEiT3.mask_text(text, batch["noise"][:, 2:], m.cfg.pair_text_mask_ratio)
     assert torch.equal(img_target, codes[vis]) and len(img_logits) == vis.sum() == 4 * m.count
     assert torch.equal(txt_target, text[where]) and len(txt_logits) == where.sum()
+    assert torch.equal(img_rows, vis.nonzero()[:, 0]) and torch.equal(txt_rows, where.nonzero()[:, 0])
+    # the loss: each sample's mean cross-entropy over its masked patches and words, then the batch mean
+    ce = [torch.nn.functional.cross_entropy(l.float(), t, reduction="none") for l, t in
+          ((img_logits, img_target), (txt_logits, txt_target))]
+    per_sample = [torch.cat([c[r == i] for c, r in zip(ce, (img_rows, txt_rows))]).mean() for i in range(4)]
+    assert torch.allclose(loss(seen, 4), torch.stack(per_sample).mean())
 
 
 @needs_fmnist
