@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from imagelm.data.sources import ImageData, fashion_mnist
-from imagelm.errors import DataError, DatasetMissing
 from imagelm.data.webdataset import ReadStats, ShardWriter, iter_samples
+from imagelm.errors import DataError, DatasetMissing
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ def _refuse_foreign(out: Path, why: str) -> None:
 
 
 def _prepare(out: Path, prefixes: Sequence[str]) -> None:
-    """Remove what an earlier build of this corpus left (manifest first: the dir is not complete)."""
-    _refuse_foreign(out, "holds files")
+    """Remove what an earlier build of this corpus left (manifest first: the dir is not complete).
+    The builders have refused a folder imagelm did not build (_refuse_foreign) before this."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("built by imagelm: it may delete and rebuild this folder\n")
     (out / "manifest.json").unlink(missing_ok=True)
