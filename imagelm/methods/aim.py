@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagelm.config import NON_NEGATIVE, POSITIVE, ModelConfig
-from imagelm.methods import Method, Output, register
+from imagelm.methods.base import Method, Output, register
 from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import ResidualMLPHead
 from imagelm.nn.transformer import attention_mask

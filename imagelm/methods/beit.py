@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagelm.config import POSITIVE, RATIO, ModelConfig, Unit
-from imagelm.methods import Method, Output, register
+from imagelm.methods.base import Method, Output, register
 from imagelm.nn.vit import ViT
 from imagelm.tokenizers.visual import TokenTargets, VisualTokenizer, prepare_tokenizer
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from imagelm import dist
 from imagelm.config import NON_NEGATIVE, POSITIVE, RATIO, Check, ConfigError, ModelConfig, Unit
-from imagelm.methods import Method, Output, register
+from imagelm.methods.base import Method, Output, register
 from imagelm.methods.beit import block_masks
 from imagelm.nn.transformer import LANGUAGE, VISION
 from imagelm.nn.vit import ViT

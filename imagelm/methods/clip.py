@@ -17,7 +17,8 @@ from torch import nn
 
 from imagelm import dist
 from imagelm.config import POSITIVE, ModelConfig, Rule
-from imagelm.methods import Method, Output, register
+from imagelm.methods.base import Method, Output, register
+from imagelm.nn.contrastive import info_nce
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.vit import ViT
 from imagelm.tokenizers.text import load_or_train
@@ -108,8 +109,5 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
     """Symmetric InfoNCE over the global batch of unit vectors (B, E) x (B, E), gathered with
     their gradients across ranks; the temperature is exp(-logit_scale), at least 1/max_logit_scale.
     Returns (loss, logits (Bg, Bg))."""
-    img, txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)
-    scale = logit_scale.clamp(max=math.log(max_logit_scale)).exp()
-    logits = scale * img.float() @ txt.float().T                                     # (Bg, Bg)
-    target = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2, logits
+    img, txt = dist.gather_with_grad(img), dist.gather_with_grad(txt)                  # (Bg, E)
+    return info_nce(img, txt, torch.arange(len(img), device=img.device), logit_scale, max_logit_scale)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagelm.config import NON_NEGATIVE, POSITIVE, RATIO, Check, ConfigError, ModelConfig
-from imagelm.methods import Method, Output, register
+from imagelm.methods.base import Method, Output, register
 from imagelm.nn.gpt import TokenTransformer, generate
 from imagelm.tokenizers.palette import Palette
 

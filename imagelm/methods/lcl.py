@@ -20,8 +20,9 @@ from torch import nn
 
 from imagelm import dist
 from imagelm.config import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, ModelConfig, Rule
-from imagelm.methods import Method, Output, register
+from imagelm.methods.base import Method, Output, register
 from imagelm.methods.clip import logit_scale
+from imagelm.nn.contrastive import info_nce
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.heads import AttentionPool
 from imagelm.nn.vit import ViT
@@ -162,11 +163,7 @@ class LCL(Method):
         target = target.flatten().long()
         if len(queries) == 0:      # nothing to predict in the whole batch; keep every parameter in the graph
             return (z.sum() + ctx.sum() + self.logit_scale.sum()) * 0.0, torch.tensor(0.0)
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        logits = scale * queries.float() @ keys.float().T                             # (q, n_all)
-        back = logits.T[target]                                                        # (q, q): each image vs contexts
-        q = torch.arange(len(queries), device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(back, q)) / 2
+        loss, logits = info_nce(queries, keys, target, self.logit_scale)                # logits (q, n_all)
         return loss, (logits.argmax(1) == target).float().mean()
 
     def forward(self, batch: dict) -> Output:

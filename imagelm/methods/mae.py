@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from imagelm.config import POSITIVE, RATIO, ModelConfig, Rule
-from imagelm.methods import Method, Output, register
+from imagelm.methods.base import Method, Output, register
 from imagelm.nn.embed import normalized_patches
 from imagelm.nn.heads import MaskedDecoder
 from imagelm.nn.vit import ViT
