@@ -9,8 +9,10 @@
 #          same mask, head and loss (bench_aim600m.json)
 #   big:   AIM-3B with fsdp + activation checkpointing on one GPU (bench_aim3b_fsdp_ac.json), and the
 #          largest AIM that trains on it, AIM-7B, likewise (bench_aim7b_fsdp_ac.json)
+#   data:  aim-600m reading WebDataset shards of JPEGs from disk vs synthetic images in memory, same
+#          process (benchmarks/shards_vs_synthetic.py -> shards_vs_synthetic_aim-600m.json; target >= 0.9)
 #   mae:   (not in all) MAE's visible-only encoder vs the full sequence at the MAE paper's shapes
-# Usage: benchmarks/gpu_check.sh [all|smoke|aim|big|mae]
+# Usage: benchmarks/gpu_check.sh [all|smoke|aim|big|data|mae]
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
@@ -45,6 +47,11 @@ fi
 if [[ $what == all || $what == big ]]; then
   bench bench_aim3b_fsdp_ac 100 "${one[@]}" aim-3b data.dataset=synthetic --batch-size 128 --steps 5 --no-peer
   bench bench_aim7b_fsdp_ac 120 "${one[@]}" aim-7b data.dataset=synthetic --batch-size 32 --steps 5 --no-peer
+fi
+if [[ $what == all || $what == data ]]; then
+  echo "== shards vs synthetic (aim-600m)"
+  timeout 150 python3 benchmarks/shards_vs_synthetic.py aim-600m --out "$out" 2> "$out/shards.err" | tail -n 1 \
+    && rm -f "$out/shards.err" || { status=1; tail -n 5 "$out/shards.err"; }
 fi
 if [[ $what == mae ]]; then
   vitl="model.dim=1024 model.depth=24 model.heads=16"
