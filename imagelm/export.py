@@ -180,7 +180,7 @@ RESULT_ROWS = [("linear probe", "linear"), ("attentive probe", "attentive"), ("k
                ("fine-tune", "finetune"), ("zero-shot", "zero_shot")]
 
 
-def eval_figures(run: Path, checkpoint: str) -> str:
+def eval_figures(run: Path, checkpoint: str, dataset: str) -> str:
     path = run / "eval" / "probes.json"
     if not path.exists():
         return "Not evaluated yet (`imagelm eval RUN` writes RUN/eval/probes.json).\n"
@@ -199,7 +199,7 @@ def eval_figures(run: Path, checkpoint: str) -> str:
     note = ""
     if Path(r.get("checkpoint", "")).name != checkpoint:
         note = f"\nThese figures are of checkpoint {Path(r.get('checkpoint', '?')).name}, not the exported one.\n"
-    data = r.get("eval_config", {}).get("dataset") or "the run's training data"
+    data = r.get("eval_config", {}).get("dataset") or dataset
     return f"Probed on {data} test images (`imagelm eval`):\n\n| evaluation | accuracy |\n|---|---|\n" + \
         "\n".join(rows) + "\n" + note
 
@@ -257,5 +257,5 @@ Output: the last block's patch tokens, mean-pooled ({m.dim} features), as imagel
 ## Use
 {usage}
 ## Evaluation
-{eval_figures(run, src.get("checkpoint", ""))}
+{eval_figures(run, src.get("checkpoint", ""), cfg.data.dataset)}
 """
