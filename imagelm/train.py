@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from imagelm import checkpoint, dist
 from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict
 from imagelm.data import sources
-from imagelm.data.loader import BatchLoader
+from imagelm.data.loader import make_loader
 from imagelm.methods import build_method
 
 
@@ -85,8 +85,9 @@ class Trainer:
         if self.data.skipped and self.rank == 0:
             print(f"skipped {self.data.skipped} unreadable images")
         if hasattr(self.method, "prepare"):   # fit (or, on resume, load) a tokenizer; tokenize the text
-            self.method.prepare(self.data, self.out, log=print if self.rank == 0 else lambda *a: None)
-        self.loader = BatchLoader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
+            self.method.prepare(sources.in_memory(self.data), self.out,   # streamed data: a bounded sample
+                                log=print if self.rank == 0 else lambda *a: None)
+        self.loader = make_loader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
                                   self.rank, self.world, self.device)
         self.opt = torch.optim.AdamW(param_groups(self.method, t.weight_decay), lr=t.lr, betas=t.betas,
                                      fused=True)
@@ -224,8 +225,11 @@ class Trainer:
                     now = time.time()
                     row.update(step=self.step, epoch=self.step / self.loader.steps_per_epoch,
                                img_per_s=imgs / max(now - tick, 1e-9), time=now - t0)
+                    if self.loader.skipped:   # unreadable samples replaced in this epoch (this rank)
+                        row["data_skipped"] = self.loader.skipped.get((self.step - 1) // self.loader.steps_per_epoch, 0)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}",
+                                    **({"skipped": row["data_skipped"]} if "data_skipped" in row else {}))
                     if self.step % self.cfg.train.log_every == 0 or self.step == self.total:
                         log_file.write(json.dumps(row) + "\n")
                         log_file.flush()
@@ -235,6 +239,7 @@ class Trainer:
                 if self.step % self.cfg.train.ckpt_every == 0 and self.step < self.total:
                     self.save()
         finally:
+            self.loader.close()
             if self.rank == 0:
                 bar.close()
                 writer.close()
