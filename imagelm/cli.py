@@ -147,6 +147,12 @@ def cmd_bench(args) -> int:
 def cmd_data(args) -> int:
     from imagelm.data import corpora
 
+    if args.kind == "shards":
+        from imagelm.data.shards import write_shards
+        if not args.src or not args.out:
+            raise config.ConfigError("data shards needs --from FOLDER and --out DIR")
+        write_shards(args.src, args.out, args.shard_size, args.max_side, args.workers, args.seed)
+        return 0
     out = Path(args.out) if args.out else corpora.default_root() / args.kind
     for split in ("train", "test") if args.split == "both" else (args.split,):
         m = corpora.BUILDERS[args.kind](out / split, split, n=args.n, seed=args.seed, root=args.data_root)
@@ -231,11 +237,17 @@ def main(argv=None) -> int:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
 
-    s = sub.add_parser("data", help="build an image-text corpus from Fashion-MNIST (WebDataset / MMC4 formats)",
-                       description="Write captioned images (WebDataset shards), two-item scenes with where-captions, "
-                       "or MMC4-style interleaved documents with their image shards, to OUT/SPLIT/. Recipes that "
-                       "need a corpus build it into the cache on first use; this command builds one ahead.")
-    s.add_argument("kind", choices=["captions", "scenes", "interleaved"])
+    s = sub.add_parser("data", help="write an image folder as WebDataset shards; build an image-text corpus",
+                       description="shards: write an image folder (ROOT/CLASS/* or ROOT/{train,val,test}/CLASS/*) as "
+                       "WebDataset shards (KEY.jpg|png + KEY.cls + KEY.json) for data.dataset=shards, in parallel; "
+                       "rerunning skips complete shards. captions|scenes|interleaved: write captioned images "
+                       "(WebDataset shards), two-item scenes with where-captions, or MMC4-style interleaved documents "
+                       "with their image shards, to OUT/SPLIT/ (recipes build these into the cache on first use).")
+    s.add_argument("kind", choices=["shards", "captions", "scenes", "interleaved"])
+    s.add_argument("--from", dest="src", help="shards: the image folder to convert")
+    s.add_argument("--shard-size", type=int, default=1000, help="shards: images per shard")
+    s.add_argument("--max-side", type=int, default=0, help="shards: downscale images whose longer side exceeds this")
+    s.add_argument("--workers", type=int, default=0, help="shards: writer processes (default: the CPU count)")
     s.add_argument("--out", help="corpus folder (default: the cache, $IMAGELM_CORPORA/KIND or "
                    "~/.cache/imagelm/corpora/KIND)")
     s.add_argument("--split", choices=["train", "test", "both"], default="both")

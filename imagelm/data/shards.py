@@ -202,7 +202,8 @@ class ShardSet:
 
     def stream(self, reader: int, readers: int, seed: int) -> Iterator[Ref]:
         """Reader `reader`'s endless sample stream: epoch after epoch over its shards, through a
-        shuffle buffer of data.shuffle_buffer references, all seeded, so it replays exactly."""
+        shuffle buffer of data.shuffle_buffer references (drained at the end of each epoch, so an
+        epoch yields each of its samples once), all seeded, so it replays exactly."""
         rng = random.Random(seed * 1_000_003 + reader)
         buf: list[Ref] = []
         epoch = 0
@@ -212,6 +213,9 @@ class ShardSet:
             for i in order[reader::readers].tolist():
                 for ref in scan(self.urls[i], self.strict):
                     got += 1
+                    if self.shuffle_buffer <= 0:
+                        yield ref
+                        continue
                     if len(buf) < self.shuffle_buffer:
                         buf.append(ref)
                         continue
@@ -220,6 +224,9 @@ class ShardSet:
                     buf[j] = ref
             if not got:
                 raise DataError(f"reader {reader} of {readers} found no samples in its shards of {self.root}")
+            rng.shuffle(buf)          # the epoch ends with its own samples: no sample crosses into the next
+            yield from buf
+            buf = []
             epoch += 1
 
     # --- per-sample work, in DataLoader workers -------------------------------------------------
@@ -236,3 +243,106 @@ class ShardSet:
             return eval_view(rd.read(ref.url, (ref.offset, ref.size)), self.channels, self.size), rd.label(ref), ""
         except Exception as e:  # noqa: BLE001
             return None, -1, f"cannot decode sample {ref.key!r} ({ref.ext}) in shard {ref.url}: {e}"
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_shard(job: tuple) -> tuple[str, int, int]:
+    """One shard from (path, label, key) items: written under a temporary name, renamed when
+    complete. Returns (name, samples, skipped)."""
+    import io
+
+    from PIL import Image
+
+    from imagelm.data.images import open_image
+
+    out, name, items, classes, max_side, root = job
+    tmp = Path(out) / f".{name}.tmp"
+    n = skipped = 0
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+        for path, label, key in items:
+            try:
+                with Image.open(path) as im:
+                    fmt, size = im.format, im.size
+                    im.verify()               # a corrupt file is left out here, not in every epoch
+                ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(fmt)
+                if ext is None or (max_side and max(size) > max_side) or fmt == "PNG" and _is16(path):
+                    mode = "RGB" if fmt != "PNG" or _mode(path) not in ("L", "I", "I;16", "I;16B", "F", "1") else "L"
+                    im = open_image(path, mode)
+                    if max_side and max(im.size) > max_side:
+                        s = max_side / max(im.size)
+                        im = im.resize((max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s))), Image.BICUBIC)
+                    buf, ext = io.BytesIO(), ("jpg" if fmt == "JPEG" else "png")
+                    im.save(buf, format="JPEG" if ext == "jpg" else "PNG", quality=95)
+                    data = buf.getvalue()
+                else:
+                    data = Path(path).read_bytes()
+            except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file
+                log.warning("leaving out unreadable image %s: %s", path, e)
+                skipped += 1
+                continue
+            meta = json.dumps({"label": label, "class": classes[label], "file": os.path.relpath(path, root)})
+            for field, value in ((ext, data), ("cls", str(label).encode()), ("json", meta.encode())):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size, info.mode, info.mtime = len(value), 0o444, 0
+                tf.addfile(info, io.BytesIO(value))
+            n += 1
+    os.replace(tmp, Path(out) / name)
+    return name, n, skipped
+
+
+def _mode(path: str) -> str:
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.mode
+
+
+def _is16(path: str) -> bool:
+    return _mode(path).startswith("I")
+
+
+def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_side: int = 0, workers: int = 0,
+                 seed: int = 0, say=print) -> dict:
+    """An image folder (ROOT/CLASS/* or ROOT/{train,val,test}/CLASS/*) as WebDataset shards
+    OUT[/SPLIT]/NNNNNN.tar with KEY.jpg|png + KEY.cls + KEY.json, samples in a seeded random
+    order (so a shard mixes classes), written in parallel. Rerunning skips complete shards.
+    Every split takes the train split's class list. Returns {split: info}."""
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    from imagelm.data.folder import FolderSet
+
+    src, out = Path(src), Path(out)
+    splits = [s for s in ("train", "val", "test") if (src / s).is_dir()]
+    pairs = [(src / s, out / s, s) for s in splits] if splits else [(src, out, "")]
+    workers = workers or max(1, (os.cpu_count() or 1))
+    res, classes = {}, None
+    for folder, dest, split in pairs:
+        fs = FolderSet(folder, 3, 1, classes, say=say)
+        classes = classes or fs.classes
+        dest.mkdir(parents=True, exist_ok=True)
+        order = np.random.default_rng(seed).permutation(len(fs))
+        jobs, done = [], {}
+        for k, start in enumerate(range(0, len(fs), shard_size)):
+            name = f"{k:06d}.tar"
+            if (dest / name).is_file():          # complete: shards are renamed into place when finished
+                done[name] = sum(1 for _ in scan(str(dest / name)))
+                continue
+            items = [(fs.path(i), int(fs.labels[i]), f"{start + j:09d}")
+                     for j, i in enumerate(order[start:start + shard_size].tolist())]
+            jobs.append((str(dest), name, items, classes, max_side, str(folder)))
+        skipped = 0
+        bar = tqdm(total=len(jobs), desc=f"shards {split or dest.name}", unit="shard")
+        with get_context("fork").Pool(min(workers, max(1, len(jobs)))) as pool:
+            for name, n, s in pool.imap_unordered(_write_shard, jobs):
+                done[name], skipped = n, skipped + s
+                bar.update(1)
+        bar.close()
+        info = {"format": "imagelm-shards", "source": str(folder), "classes": classes, "images": sum(done.values()),
+                "skipped": skipped, "shards": [{"name": k, "samples": done[k]} for k in sorted(done)]}
+        (dest / INFO).write_text(json.dumps(info, indent=1))
+        say(f"{dest}: {info['images']} images in {len(done)} shards ({len(jobs)} written now, "
+            f"{len(done) - len(jobs)} already complete), {skipped} unreadable files left out")
+        res[split or dest.name] = info
+    return res
