@@ -60,8 +60,14 @@ def to_mode(im: Image.Image, mode: str) -> Image.Image:
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
     """PIL L/RGB -> (C, H, W) uint8."""
+    return torch.from_numpy(hwc(im).transpose(2, 0, 1).copy())
+
+
+def hwc(im: Image.Image) -> np.ndarray:
+    """PIL L/RGB -> (H, W, C) uint8: batches are stacked as HWC (a plain memcpy; stacking CHW views
+    of HWC pixels is a strided copy, ~10x slower) and turned CHW on the device."""
     a = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).unsqueeze(0) if a.ndim == 2 else torch.from_numpy(a.copy()).permute(2, 0, 1)
+    return a[..., None] if a.ndim == 2 else a
 
 
 def crop_box(u: np.ndarray | torch.Tensor, width: int, height: int, scale: tuple[float, float],
@@ -90,8 +96,8 @@ def jitter(im: Image.Image, u: np.ndarray, strength: float) -> Image.Image:
 
 
 def train_view(src: str | Path | bytes, channels: int, size: int, u: np.ndarray, scale: tuple[float, float],
-               ratio: tuple[float, float], flip: bool, color_jitter: float = 0.0) -> torch.Tensor:
-    """Decode + RandomResizedCrop(size) + flip (+ jitter) -> (C, size, size) uint8. u: 8 uniforms."""
+               ratio: tuple[float, float], flip: bool, color_jitter: float = 0.0) -> np.ndarray:
+    """Decode + RandomResizedCrop(size) + flip (+ jitter) -> (size, size, C) uint8. u: 8 uniforms."""
     full: list[tuple[int, int]] = []
 
     def draft(W: int, H: int) -> tuple[int, int]:            # decode at the scale the crop needs
@@ -110,11 +116,11 @@ def train_view(src: str | Path | bytes, channels: int, size: int, u: np.ndarray,
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     if color_jitter > 0:
         im = jitter(im, u[5:8], color_jitter)
-    return to_tensor(im)
+    return hwc(im)
 
 
-def eval_view(src: str | Path | bytes, channels: int, size: int, crop_pct: float = 1.0) -> torch.Tensor:
-    """Decode, resize the short side to size / crop_pct, centre crop size x size -> (C, size, size)
+def eval_view(src: str | Path | bytes, channels: int, size: int, crop_pct: float = 1.0) -> np.ndarray:
+    """Decode, resize the short side to size / crop_pct, centre crop size x size -> (size, size, C)
     uint8. crop_pct=1 on a square image is a plain resize (what the in-memory sources do)."""
     im = open_image(src, MODES[channels], draft=(size, size))
     W, H = im.size
@@ -122,4 +128,4 @@ def eval_view(src: str | Path | bytes, channels: int, size: int, crop_pct: float
     s = short / min(W, H)
     w, h = size / s, size / s                               # the centre box in source pixels
     box = ((W - w) / 2, (H - h) / 2, (W + w) / 2, (H + h) / 2)
-    return to_tensor(im.resize((size, size), Image.BICUBIC, box=box))
+    return hwc(im.resize((size, size), Image.BICUBIC, box=box))

@@ -39,6 +39,11 @@ def draws(seed: int, step: int, global_batch: int, noise_dim: int) -> tuple[torc
     return torch.cat([crop, jit], 1), noise
 
 
+def chw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) uint8 as worker batches travel -> (B, C, H, W)."""
+    return x.permute(0, 3, 1, 2)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
@@ -58,7 +63,7 @@ class _Plan:
 def _collate(step: int, images: list, labels: list, skipped: int, error: str) -> dict:
     if error:
         return {"step": step, "error": error}
-    return {"step": step, "image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64),
+    return {"step": step, "image": torch.from_numpy(np.stack(images)), "label": torch.tensor(labels, dtype=torch.int64),
             "skipped": skipped, "error": ""}
 
 
@@ -186,7 +191,7 @@ class StreamLoader:
         noise = draws(self.seed, step, self.global_batch, self.noise_dim)[1][self.rank * self.local:
                                                                            (self.rank + 1) * self.local]
         d = self.device
-        images = normalize(b["image"].to(d, non_blocking=True), self.data.mean, self.data.std)
+        images = normalize(chw(b["image"].to(d, non_blocking=True)), self.data.mean, self.data.std)
         return {"image": images, "label": b["label"].to(d, non_blocking=True), "noise": noise.to(d)}
 
     def close(self) -> None:
@@ -252,7 +257,7 @@ def _scan(data: ShardSet, url: str):
 
 def _eval_batch(images: list, labels: list, skipped: int, data: Streamed) -> dict:
     C, S = data.channels, data.size
-    return {"image": torch.stack(images) if images else torch.zeros(0, C, S, S, dtype=torch.uint8),
+    return {"image": torch.from_numpy(np.stack(images)) if images else torch.zeros(0, S, S, C, dtype=torch.uint8),
             "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "error": ""}
 
 
@@ -279,7 +284,7 @@ def eval_batches(data: Streamed, batch: int, workers: int = -1, limit: int = 0,
         data.eval_skipped += b["skipped"]
         if limit and n >= limit:
             break
-        x, y = b["image"], b["label"]
+        x, y = chw(b["image"]), b["label"]
         if limit:
             x, y = x[:limit - n], y[:limit - n]
         n += len(x)
@@ -301,7 +306,7 @@ def sample(data: Streamed, n: int, workers: int = -1):
         ys.append(y)
     if not xs:
         raise DataError(f"no readable image in {data.root}")
-    return ImageData(torch.cat(xs), torch.cat(ys), data.classes, data.eval_skipped, mean=data.mean, std=data.std)
+    return ImageData(torch.cat(xs).contiguous(), torch.cat(ys), data.classes, data.eval_skipped, mean=data.mean, std=data.std)
 
 
 def fit_stats(data: Streamed, workers: int = -1) -> None:

@@ -32,7 +32,7 @@ def random_resized_crop(images: torch.Tensor, theta: torch.Tensor) -> torch.Tens
 
 
 def normalize(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float, standardised per channel."""
+    """uint8 (B, C, H, W) -> float, standardised per channel (contiguous, also from a view of HWC pixels)."""
     m = torch.tensor(mean, device=images_u8.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=images_u8.device).view(1, -1, 1, 1)
-    return (images_u8.float() / 255 - m) / s
+    return ((images_u8.float() / 255 - m) / s).contiguous()
