@@ -111,34 +111,40 @@ class PilRRC(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def _rate(next_batch, steps: int, batch: int) -> float:
+    next_batch()                                    # workers up, first batch out: not timed
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        next_batch()
+    return (steps - 1) * batch / (time.perf_counter() - t0)
+
+
 def throughput(root: Path, n: int, batch: int = 64, workers: int = 2) -> dict:
+    """uint8 batches (the work both pipelines share), then batches as the trainer takes them:
+    standardised float (on CPU here, in the main process: on a GPU this runs on the device)."""
     from imagelm.config import DataConfig, ModelConfig
     from imagelm.data import sources
     from imagelm.data.loader import make_loader
+    from imagelm.data.transforms import normalize
 
     files = sorted(str(p) for p in (root / "train" / "a").iterdir())
     steps = n // batch
-
-    dl = torch.utils.data.DataLoader(PilRRC(files), batch_size=batch, shuffle=True, num_workers=workers,
-                                     drop_last=True)
-    it = iter(dl)
-    next(it)                                        # workers up, first batch out: not timed
-    t0 = time.perf_counter()
-    for _ in range(steps - 1):
-        next(it)
-    base = (steps - 1) * batch / (time.perf_counter() - t0)
-    del it, dl
-
-    cfg = DataConfig(dataset="folder", root=str(root), workers=workers)
-    ds = sources.load(cfg, ModelConfig(img_size=224, patch_size=16, in_chans=3), "train")
-    loader = make_loader(ds, cfg, batch, seed=0)
-    loader.batch(0)
-    t0 = time.perf_counter()
-    for s in range(1, steps):
-        loader.batch(s)
-    ours = (steps - 1) * batch / (time.perf_counter() - t0)
-    loader.close()
-    return {"imagelm_img_per_s": ours, "pil_dataloader_img_per_s": base, "ratio": ours / base}
+    res = {}
+    for final in (False, True):
+        it = iter(torch.utils.data.DataLoader(PilRRC(files), batch_size=batch, shuffle=True, num_workers=workers,
+                                              drop_last=True))
+        base = _rate((lambda: normalize(next(it), [0.5] * 3, [0.25] * 3)) if final else (lambda: next(it)), steps,
+                     batch)
+        del it
+        cfg = DataConfig(dataset="folder", root=str(root), workers=workers)
+        ds = sources.load(cfg, ModelConfig(img_size=224, patch_size=16, in_chans=3), "train")
+        loader = make_loader(ds, cfg, batch, seed=0)
+        step = iter(range(steps))
+        ours = _rate((lambda: loader.batch(next(step))) if final else (lambda: loader.raw(next(step))), steps, batch)
+        loader.close()
+        key = "standardised_float" if final else "uint8"
+        res[key] = {"imagelm_img_per_s": ours, "pil_dataloader_img_per_s": base, "ratio": ours / base}
+    return res
 
 
 def main() -> None:
@@ -167,10 +173,11 @@ def main() -> None:
         for w, h in ((500, 375), (224, 224)):
             folder = work / f"jpg{w}"
             make_jpegs(folder, args.images, w, h)
-            r = throughput(folder, args.images)
-            res["throughput"][f"{w}x{h}_to_224"] = r
-            print(f"JPEG {w}x{h} -> 224 crops, 2 workers: imagelm {r['imagelm_img_per_s']:.0f} img/s, plain PIL "
-                  f"DataLoader {r['pil_dataloader_img_per_s']:.0f} img/s: {r['ratio']:.2f}x", flush=True)
+            res["throughput"][f"{w}x{h}_to_224"] = rs = throughput(folder, args.images)
+            for kind, r in rs.items():
+                print(f"JPEG {w}x{h} -> 224 crops, 2 workers, {kind} batches: imagelm {r['imagelm_img_per_s']:.0f} "
+                      f"img/s, plain PIL DataLoader {r['pil_dataloader_img_per_s']:.0f} img/s: {r['ratio']:.2f}x",
+                      flush=True)
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)

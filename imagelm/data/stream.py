@@ -39,9 +39,10 @@ def draws(seed: int, step: int, global_batch: int, noise_dim: int) -> tuple[torc
     return torch.cat([crop, jit], 1), noise
 
 
-def chw(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) uint8 as worker batches travel -> (B, C, H, W)."""
-    return x.permute(0, 3, 1, 2)
+def _chw(images: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, C) uint8 images -> one (B, C, H, W) batch, made in the worker: numpy's stack and
+    transpose copies are fast where torch's strided uint8 copies are not."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -63,7 +64,7 @@ class _Plan:
 def _collate(step: int, images: list, labels: list, skipped: int, error: str) -> dict:
     if error:
         return {"step": step, "error": error}
-    return {"step": step, "image": torch.from_numpy(np.stack(images)), "label": torch.tensor(labels, dtype=torch.int64),
+    return {"step": step, "image": _chw(images), "label": torch.tensor(labels, dtype=torch.int64),
             "skipped": skipped, "error": ""}
 
 
@@ -177,6 +178,15 @@ class StreamLoader:
         self._it, self._next = iter(dl), step
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
+        b = self.raw(step)
+        noise = draws(self.seed, step, self.global_batch, self.noise_dim)[1][self.rank * self.local:
+                                                                           (self.rank + 1) * self.local]
+        d = self.device
+        images = normalize(b["image"].to(d, non_blocking=True), self.data.mean, self.data.std)
+        return {"image": images, "label": b["label"].to(d, non_blocking=True), "noise": noise.to(d)}
+
+    def raw(self, step: int) -> dict:
+        """The workers' batch for `step`: {"image": (b, C, S, S) uint8 (pinned on CUDA), "label"}."""
         if self._it is None or step != self._next:
             self._start(step)
         b = next(self._it)
@@ -188,11 +198,7 @@ class StreamLoader:
         if b["skipped"]:
             e = step // self.steps_per_epoch
             self.skipped[e] = self.skipped.get(e, 0) + b["skipped"]
-        noise = draws(self.seed, step, self.global_batch, self.noise_dim)[1][self.rank * self.local:
-                                                                           (self.rank + 1) * self.local]
-        d = self.device
-        images = normalize(chw(b["image"].to(d, non_blocking=True)), self.data.mean, self.data.std)
-        return {"image": images, "label": b["label"].to(d, non_blocking=True), "noise": noise.to(d)}
+        return b
 
     def close(self) -> None:
         self._it = None
@@ -257,7 +263,7 @@ def _scan(data: ShardSet, url: str):
 
 def _eval_batch(images: list, labels: list, skipped: int, data: Streamed) -> dict:
     C, S = data.channels, data.size
-    return {"image": torch.from_numpy(np.stack(images)) if images else torch.zeros(0, S, S, C, dtype=torch.uint8),
+    return {"image": _chw(images) if images else torch.zeros(0, C, S, S, dtype=torch.uint8),
             "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "error": ""}
 
 
@@ -284,7 +290,7 @@ def eval_batches(data: Streamed, batch: int, workers: int = -1, limit: int = 0,
         data.eval_skipped += b["skipped"]
         if limit and n >= limit:
             break
-        x, y = chw(b["image"]), b["label"]
+        x, y = b["image"], b["label"]
         if limit:
             x, y = x[:limit - n], y[:limit - n]
         n += len(x)
@@ -306,7 +312,7 @@ def sample(data: Streamed, n: int, workers: int = -1):
         ys.append(y)
     if not xs:
         raise DataError(f"no readable image in {data.root}")
-    return ImageData(torch.cat(xs).contiguous(), torch.cat(ys), data.classes, data.eval_skipped, mean=data.mean, std=data.std)
+    return ImageData(torch.cat(xs), torch.cat(ys), data.classes, data.eval_skipped, mean=data.mean, std=data.std)
 
 
 def fit_stats(data: Streamed, workers: int = -1) -> None:
