@@ -61,7 +61,7 @@ def cmd_sample(args) -> int:
     if not hasattr(method, needed):
         kind = "masked image modeling" if args.reconstruct else "autoregressive pixel (igpt)"
         raise config.ConfigError(f"method '{cfg.method}' cannot {needed}: --{needed} is for {kind} runs")
-    data = sources.load(cfg.data, cfg.model, "test")
+    data = sources.in_memory(sources.load(cfg.data, cfg.model, "test"), 1000)   # streamed sets: a sample
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[: args.n]
     x = normalize(data.images[idx], data.mean, data.std)
@@ -120,7 +120,8 @@ def cmd_tokenizer(args) -> int:
                        config.apply_overrides(config.to_plain(visual.TokenizerJob()), args.overrides))
     model = ModelConfig(img_size=job.img_size, patch_size=job.tokenizer.patch_size, in_chans=job.tokenizer.in_chans)
     train = sources.load(job.data, model, "train")
-    test = sources.load(job.data, model, "test", train)
+    test = sources.in_memory(sources.load(job.data, model, "test", train), 10000)
+    train = sources.in_memory(train, 50000)      # streamed sets: a bounded sample of decoded images
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     t0 = time.time()
     tok = visual.train_tokenizer(job.tokenizer, normalize(train.images, train.mean, train.std), args.minutes, log)
