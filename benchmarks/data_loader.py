@@ -192,7 +192,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2))
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for k in ("first_step", "throughput"):       # a partial run (--no-throughput, --sizes) keeps the rest
+        res[k] = {**old.get(k, {}), **res[k]}
+    RESULTS.write_text(json.dumps({**old, **res}, indent=2))
     print(f"results: {RESULTS}")
 
 
