@@ -41,13 +41,14 @@ class FolderSet:
         names, labels, self.not_regular, unknown = [], [], 0, {}
         for c in present:
             files = []
-            for e in os.scandir(self.root / c):
-                if os.path.splitext(e.name)[1].lower() not in IMAGE_SUFFIXES:
+            for e in os.scandir(self.root / c):     # d_type from readdir: no stat per file
+                name = e.name
+                if name[name.rfind("."):].lower() not in IMAGE_SUFFIXES:
                     continue
                 if not e.is_file():         # a FIFO, socket or device named like an image: never opened
                     self.not_regular += 1
                     continue
-                files.append(os.fsencode(e.name))
+                files.append(name.encode("utf-8", "surrogateescape"))      # = os.fsencode
             if c not in index:
                 unknown[c] = len(files)
                 continue
