@@ -262,9 +262,10 @@ def main(argv=None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    from imagelm.data.images import DataError
     try:
         return args.fn(args)
-    except (config.ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (config.ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"imagelm {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

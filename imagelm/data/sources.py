@@ -168,6 +168,9 @@ def split_root(data_cfg, split: str) -> str:
     split, and a pattern naming 'train' gives the test split with 'val' or 'test' in its place."""
     from imagelm.data.webdataset import expand_urls
 
+    if not data_cfg.root:
+        raise DatasetMissing(f"data.dataset={data_cfg.dataset} needs data.root= (an image folder ROOT/train/CLASS/* "
+                             f"or WebDataset shards)")
     root = Path(data_cfg.root)
     names = ("train",) if split == "train" else ("test", "val")
     if root.is_dir():
@@ -179,6 +182,8 @@ def split_root(data_cfg, split: str) -> str:
             return str(root)
         raise DatasetMissing(f"{root} has no {' or '.join(names)} split folder (expected {root}/train/... and "
                              f"{root}/val/ or {root}/test/)")
+    if not any(c in data_cfg.root for c in "{*?[") and not root.exists():
+        raise DatasetMissing(f"data.root {root} does not exist (data.dataset={data_cfg.dataset})")
     if data_cfg.dataset == "shards":
         if split == "train":
             return data_cfg.root
