@@ -299,3 +299,15 @@ def test_two_gloo_ranks_with_two_workers_each_train_like_one_process(folder, tmp
     run_ranks(_rank_worker, str(folder), str(tmp_path / "two"))
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == 3 and all(abs(a - b) < 1e-5 * max(1, abs(a)) for a, b in zip(one, two))
+
+
+def test_shards_by_brace_pattern_find_their_val_twin(folder, tmp_path):
+    make_folder(folder, (1, 1, 1), split="val")
+    write_shards(folder, tmp_path / "sh", shard_size=5, workers=1, say=lambda m: None)   # 4 train, 1 val shard
+    for split in ("train", "val"):
+        for i, p in enumerate(sorted((tmp_path / "sh" / split).glob("*.tar"))):
+            p.rename(tmp_path / "sh" / f"in1k-{split}-{i:06d}.tar")
+    c = cfg(str(tmp_path / "sh" / "in1k-train-{000000..000003}.tar"), "shards")
+    train = sources.load(c, MODEL, "train")
+    test = sources.load(c, MODEL, "test", train)
+    assert len(train) == 18 and len(test) == 3 and test.urls[0].endswith("in1k-val-000000.tar")

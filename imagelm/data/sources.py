@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,9 +188,9 @@ def split_root(data_cfg, split: str) -> str:
     if data_cfg.dataset == "shards":
         if split == "train":
             return data_cfg.root
-        for n in names:
-            alt = data_cfg.root.replace("train", n)
-            if alt != data_cfg.root and expand_urls(alt) and all(Path(u).exists() for u in expand_urls(alt)):
+        for n in names:      # train-{000000..001023}.tar -> val-*.tar: the twin's count may differ
+            alt = re.sub(r"\{[^{}]*\}", "*", data_cfg.root.replace("train", n))
+            if alt != data_cfg.root and expand_urls(alt):
                 return alt
         raise DatasetMissing(f"no test shards for {data_cfg.root}: give a folder with train/ and val/ (or test/) "
                              f"subfolders, or a pattern naming 'train' with a 'val' or 'test' twin")
