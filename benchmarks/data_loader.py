@@ -126,7 +126,7 @@ def _rate(next_batch, steps: int, batch: int) -> float:
     return (steps - 1) * batch / (time.perf_counter() - t0)
 
 
-def throughput(root: Path, n: int, batch: int = 64, workers: int = 2) -> dict:
+def throughput(root: Path, n: int, batch: int = 64, workers: int = 2, rounds: int = 3) -> dict:
     """uint8 batches (the work both pipelines share), then batches as the trainer takes them:
     standardised float (on CPU here, in the main process: on a GPU this runs on the device)."""
     from imagelm.config import DataConfig, ModelConfig
@@ -136,35 +136,41 @@ def throughput(root: Path, n: int, batch: int = 64, workers: int = 2) -> dict:
 
     files = sorted(str(p) for p in (root / "train" / "a").iterdir())
     steps = n // batch
+    cfg = DataConfig(dataset="folder", root=str(root), workers=workers)
+    ds = sources.load(cfg, ModelConfig(img_size=224, patch_size=16, in_chans=3), "train")
     res = {}
     for final in (False, True):
-        it = iter(torch.utils.data.DataLoader(PilRRC(files), batch_size=batch, shuffle=True, num_workers=workers,
-                                              drop_last=True))
-        base = _rate((lambda: normalize(next(it), [0.5] * 3, [0.25] * 3)) if final else (lambda: next(it)), steps,
-                     batch)
-        del it
-        cfg = DataConfig(dataset="folder", root=str(root), workers=workers)
-        ds = sources.load(cfg, ModelConfig(img_size=224, patch_size=16, in_chans=3), "train")
-        loader = make_loader(ds, cfg, batch, seed=0)
-        step = iter(range(steps))
-        ours = _rate((lambda: loader.batch(next(step))) if final else (lambda: loader.raw(next(step))), steps, batch)
-        loader.close()
+        base, ours = [], []
+        for _ in range(rounds):        # alternated, median: the machine's load changes under a run
+            it = iter(torch.utils.data.DataLoader(PilRRC(files), batch_size=batch, shuffle=True,
+                                                  num_workers=workers, drop_last=True))
+            base.append(_rate((lambda: normalize(next(it), [0.5] * 3, [0.25] * 3)) if final else (lambda: next(it)),
+                              steps, batch))
+            del it
+            loader = make_loader(ds, cfg, batch, seed=len(ours))
+            step = iter(range(steps))
+            ours.append(_rate((lambda: loader.batch(next(step))) if final else (lambda: loader.raw(next(step))),
+                              steps, batch))
+            loader.close()
         key = "standardised_float" if final else "uint8"
-        res[key] = {"imagelm_img_per_s": ours, "pil_dataloader_img_per_s": base, "ratio": ours / base}
+        b, o = float(np.median(base)), float(np.median(ours))
+        res[key] = {"imagelm_img_per_s": o, "pil_dataloader_img_per_s": b, "ratio": o / b, "rounds": rounds}
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000])
-    ap.add_argument("--images", type=int, default=1024, help="images per throughput measurement")
+    ap.add_argument("--images", type=int, default=512, help="images per throughput measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated measurements per pipeline (median)")
     ap.add_argument("--tmp", default=tempfile.gettempdir())
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--no-first-step", action="store_true")
     args = ap.parse_args()
     res: dict = {"cpus": os.cpu_count(), "torch": torch.__version__, "first_step": {}, "throughput": {}}
     work = Path(tempfile.mkdtemp(prefix="imagelm-bench-data-", dir=args.tmp))
     try:
-        for n in args.sizes:
+        for n in () if args.no_first_step else args.sizes:
             folder = work / f"png{n}"
             t0 = time.time()
             make_png_folder(folder, n)
@@ -176,14 +182,14 @@ def main() -> None:
                   f"batch {r['data_s']:.1f}s), peak RSS {r['rss_mb']:.0f} MB (workers {r['worker_rss_mb']:.0f} MB)",
                   flush=True)
             shutil.rmtree(folder)
-        if len(args.sizes) > 1:
+        if len(args.sizes) > 1 and not args.no_first_step:
             a, b = (res["first_step"][str(n)] for n in (min(args.sizes), max(args.sizes)))
             res["first_step_ratio"] = {k: b[k] / a[k] for k in ("data_time_to_first_step_s", "data_setup_s",
                                                                  "data_peak_rss_mb")}
         for w, h in () if args.no_throughput else ((500, 375), (224, 224)):
             folder = work / f"jpg{w}"
             make_jpegs(folder, args.images, w, h)
-            res["throughput"][f"{w}x{h}_to_224"] = rs = throughput(folder, args.images)
+            res["throughput"][f"{w}x{h}_to_224"] = rs = throughput(folder, args.images, rounds=args.rounds)
             for kind, r in rs.items():
                 print(f"JPEG {w}x{h} -> 224 crops, 2 workers, {kind} batches: imagelm {r['imagelm_img_per_s']:.0f} "
                       f"img/s, plain PIL DataLoader {r['pil_dataloader_img_per_s']:.0f} img/s: {r['ratio']:.2f}x",

@@ -40,9 +40,17 @@ def draws(seed: int, step: int, global_batch: int, noise_dim: int) -> tuple[torc
 
 
 def _chw(images: list[np.ndarray]) -> torch.Tensor:
-    """(H, W, C) uint8 images -> one (B, C, H, W) batch, made in the worker: numpy's stack and
-    transpose copies are fast where torch's strided uint8 copies are not."""
-    return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
+    """(H, W, C) uint8 images -> one (B, C, H, W) batch, written straight into shared memory in a
+    worker (as default_collate does: no copy on the way to the main process), each image by one
+    numpy transpose copy (torch's strided uint8 copies are ~10x slower)."""
+    H, W, C = images[0].shape
+    out = torch.empty(len(images), C, H, W, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    a = out.numpy()
+    for i, x in enumerate(images):
+        a[i] = x.transpose(2, 0, 1)
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
