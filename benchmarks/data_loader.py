@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagelm.data.images import DataError, eval_view, train_view
+from imagelm.data.images import eval_view, train_view
 
 log = logging.getLogger(__name__)
 
