@@ -111,7 +111,7 @@ class Trainer:
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
         if self.resume_from is not None:
-            old = yaml.safe_load(cfg_path.read_text())
+            old = load_run_config(self.out).to_dict()     # keys added since the run started: their defaults
             changed = diff(old, self.cfg.to_dict())
             if changed:
                 raise ConfigError(f"refusing to resume {self.out}: the config differs in {', '.join(changed)} "
