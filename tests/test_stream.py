@@ -311,3 +311,13 @@ def test_shards_by_brace_pattern_find_their_val_twin(folder, tmp_path):
     train = sources.load(c, MODEL, "train")
     test = sources.load(c, MODEL, "test", train)
     assert len(train) == 18 and len(test) == 3 and test.urls[0].endswith("in1k-val-000000.tar")
+
+
+def test_shard_stream_skips_whole_epochs_by_counts_and_lands_on_the_same_samples(folder, tmp_path):
+    write_shards(folder, tmp_path / "sh", shard_size=4, workers=1, say=lambda m: None)     # 4+4+4+4+2
+    ds = sources.load(cfg(tmp_path / "sh", "shards", shuffle_buffer=3), MODEL, "train")
+    it = ds.stream(1, 2, seed=4)
+    straight = [next(it).key for _ in range(40)]                       # > 4 epochs of reader 1
+    for skip in (0, 5, 9, 23, 31):
+        it = ds.stream(1, 2, seed=4, skip=skip)
+        assert [next(it).key for _ in range(40 - skip)] == straight[skip:]

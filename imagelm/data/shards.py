@@ -200,33 +200,44 @@ class ShardSet:
         for u in self.urls:
             yield from scan(u, self.strict)
 
-    def stream(self, reader: int, readers: int, seed: int) -> Iterator[Ref]:
+    def stream(self, reader: int, readers: int, seed: int, skip: int = 0) -> Iterator[Ref]:
         """Reader `reader`'s endless sample stream: epoch after epoch over its shards, through a
         shuffle buffer of data.shuffle_buffer references (drained at the end of each epoch, so an
-        epoch yields each of its samples once), all seeded, so it replays exactly."""
-        rng = random.Random(seed * 1_000_003 + reader)
-        buf: list[Ref] = []
+        epoch yields each of its samples once), seeded by (seed, reader, epoch), so it replays
+        exactly. The first `skip` samples are left out: whole epochs by the shard counts (nothing
+        read), the rest of the way by headers (no image bytes)."""
         epoch = 0
         while True:
             order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            mine = order[reader::readers].tolist()
+            n = sum(self.counts[i] for i in mine)
+            if 0 < n <= skip:
+                skip, epoch = skip - n, epoch + 1
+                continue
+            rng = random.Random((seed * 1_000_003 + reader) * 1_000_003 + epoch)
+            buf: list[Ref] = []
             got = 0
-            for i in order[reader::readers].tolist():
+            for i in mine:
                 for ref in scan(self.urls[i], self.strict):
                     got += 1
-                    if self.shuffle_buffer <= 0:
+                    if self.shuffle_buffer > 0:
+                        if len(buf) < self.shuffle_buffer:
+                            buf.append(ref)
+                            continue
+                        j = rng.randrange(len(buf))
+                        ref, buf[j] = buf[j], ref
+                    if skip:
+                        skip -= 1
+                    else:
                         yield ref
-                        continue
-                    if len(buf) < self.shuffle_buffer:
-                        buf.append(ref)
-                        continue
-                    j = rng.randrange(len(buf))
-                    yield buf[j]
-                    buf[j] = ref
             if not got:
                 raise DataError(f"reader {reader} of {readers} found no samples in its shards of {self.root}")
             rng.shuffle(buf)          # the epoch ends with its own samples: no sample crosses into the next
-            yield from buf
-            buf = []
+            for ref in buf:
+                if skip:
+                    skip -= 1
+                else:
+                    yield ref
             epoch += 1
 
     # --- per-sample work, in DataLoader workers -------------------------------------------------

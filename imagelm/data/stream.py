@@ -107,7 +107,8 @@ class FolderSteps(torch.utils.data.Dataset):
 class ShardSteps(torch.utils.data.IterableDataset):
     """Iterable: DataLoader worker w of W, started at step s, makes steps s + w + k*W, as reader
     (s + w) mod W of this rank; its k-th batch is the next `local` samples of that reader's stream.
-    Starting at s, the reader skips the references of the batches it made before s (headers only)."""
+    Starting at s, the reader skips the samples of the batches it made before s: whole epochs by
+    the shard counts, then headers only."""
 
     def __init__(self, plan: _Plan, start: int, workers: int):
         self.p, self.start, self.workers = plan, start, max(1, workers)
@@ -120,9 +121,7 @@ class ShardSteps(torch.utils.data.IterableDataset):
         if info is None:     # no worker processes: one reader makes every step
             step, W = self.start, 1
         lane = step % W
-        stream = p.data.stream(p.rank * W + lane, p.world * W, p.seed)
-        for _ in range((step // W) * p.local):
-            next(stream)
+        stream = p.data.stream(p.rank * W + lane, p.world * W, p.seed, skip=(step // W) * p.local)
         rd = Reader()
         while True:
             refs = [next(stream) for _ in range(p.local)]
