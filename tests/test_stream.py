@@ -321,3 +321,19 @@ def test_shard_stream_skips_whole_epochs_by_counts_and_lands_on_the_same_samples
     for skip in (0, 5, 9, 23, 31):
         it = ds.stream(1, 2, seed=4, skip=skip)
         assert [next(it).key for _ in range(40 - skip)] == straight[skip:]
+
+
+def test_caption_shards_with_odd_sizes_and_modes_are_converted_not_refused(tmp_path):
+    from imagelm.data.corpora import load_image_text
+
+    d = tmp_path / "cap"
+    d.mkdir()
+    members = []
+    for i in range(3):
+        members += [(f"{i}.png", _png(40 * i)), (f"{i}.txt", b"a caption")]
+    big = io.BytesIO()
+    Image.fromarray(np.full((20, 12, 3), 200, np.uint8)).save(big, format="PNG")
+    members += [("3.png", big.getvalue()), ("3.txt", b"an rgb one")]
+    _tar(d / "000000.tar", members)
+    data = load_image_text(str(d))
+    assert data.images.shape == (4, 1, 8, 8) and int(data.images[3].float().mean().round()) == 200
