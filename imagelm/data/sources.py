@@ -1,5 +1,7 @@
-"""Image sources, held in memory as uint8 tensors: Fashion-MNIST (IDX files), image folders
-(class = subfolder), and synthetic images for tests."""
+"""Image sources. In memory as uint8 tensors (ImageData): Fashion-MNIST (IDX files), the
+image-text corpora, synthetic images for tests, small folders (`image_folder`). Streamed from disk
+(`load` gives a FolderSet / ShardSet for data.dataset=folder|shards): image folders (class =
+subfolder) and WebDataset shards; `in_memory` turns either kind into a bounded ImageData."""
 from __future__ import annotations
 
 import gzip
