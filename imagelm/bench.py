@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from imagelm import dist, parallel
 from imagelm.config import Config
 from imagelm.data import sources
-from imagelm.data.loader import BatchLoader
+from imagelm.data.loader import make_loader
 from imagelm.methods import HasBenchmarks, HasTimmPeer, build_method, methods_with
 from imagelm.train import check_compiler
 
@@ -85,7 +85,7 @@ def _profile_child(cfg: Config, batch_size: int, steps: int, device: str, thread
     device = torch.device(device)
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
-    loader = BatchLoader(sources.load(cfg.data, cfg.model, "train"), cfg.data, batch_size, seed=0,
+    loader = make_loader(sources.load(cfg.data, cfg.model, "train"), cfg.data, batch_size, seed=0,
                          noise_dim=method.noise_dim, device=device)
     batches = [loader.batch(i) for i in range(2)]
     bf16 = dist.bf16_supported(device)
@@ -136,7 +136,7 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     data = sources.load(cfg.data, cfg.model, "train")
     with torch.device(device):       # built in place: a multi-billion-parameter model inits in seconds, not minutes
         method = build_method(cfg)
-    loader = BatchLoader(data, cfg.data, batch_size, seed=0, noise_dim=method.noise_dim, device=device)
+    loader = make_loader(data, cfg.data, batch_size, seed=0, noise_dim=method.noise_dim, device=device)
     batches = [loader.batch(i) for i in range(5)][1:]
     _sync(device)
     t0 = time.perf_counter()

@@ -91,7 +91,7 @@ def cmd_sample(args) -> int:
         require(method, Reconstructs, "sample --reconstruct")
     else:
         require(method, Completes, "sample --complete")
-    data = sources.load(cfg.data, cfg.model, "test")
+    data = sources.in_memory(sources.load(cfg.data, cfg.model, "test"), 1000)   # streamed sets: a sample
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[: args.n]
     x = normalize(data.images[idx], data.mean, data.std).to(device)
@@ -151,7 +151,8 @@ def cmd_tokenizer(args) -> int:
                        config.apply_overrides(config.to_plain(visual.TokenizerJob()), args.overrides))
     model = ModelConfig(img_size=job.img_size, patch_size=job.tokenizer.patch_size, in_chans=job.tokenizer.in_chans)
     train = sources.load(job.data, model, "train")
-    test = sources.load(job.data, model, "test", train)
+    test = sources.in_memory(sources.load(job.data, model, "test", train), 10000)
+    train = sources.in_memory(train, 50000)      # streamed sets: a bounded sample of decoded images
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     t0 = time.time()
     tok = visual.train_tokenizer(job.tokenizer, normalize(train.images, train.mean, train.std), args.minutes, log)
@@ -199,6 +200,12 @@ def cmd_export(args) -> int:
 def cmd_data(args) -> int:
     from imagelm.data import corpora
 
+    if args.kind == "shards":
+        from imagelm.data.shards import write_shards
+        if not args.src or not args.out:
+            raise config.ConfigError("data shards needs --from FOLDER and --out DIR")
+        write_shards(args.src, args.out, args.shard_size, args.max_side, args.workers, args.seed)
+        return 0
     out = Path(args.out) if args.out else corpora.default_root() / args.kind
     for split in ("train", "test") if args.split == "both" else (args.split,):
         m = corpora.BUILDERS[args.kind](out / split, split, n=args.n, seed=args.seed, root=args.data_root)
@@ -294,11 +301,17 @@ def main(argv=None) -> int:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
 
-    s = sub.add_parser("data", help="build an image-text corpus from Fashion-MNIST (WebDataset / MMC4 formats)",
-                       description="Write captioned images (WebDataset shards), two-item scenes with where-captions, "
-                       "or MMC4-style interleaved documents with their image shards, to OUT/SPLIT/. Recipes that "
-                       "need a corpus build it into the cache on first use; this command builds one ahead.")
-    s.add_argument("kind", choices=["captions", "scenes", "interleaved"])
+    s = sub.add_parser("data", help="write an image folder as WebDataset shards; build an image-text corpus",
+                       description="shards: write an image folder (ROOT/CLASS/* or ROOT/{train,val,test}/CLASS/*) as "
+                       "WebDataset shards (KEY.jpg|png + KEY.cls + KEY.json) for data.dataset=shards, in parallel; "
+                       "rerunning skips complete shards. captions|scenes|interleaved: write captioned images "
+                       "(WebDataset shards), two-item scenes with where-captions, or MMC4-style interleaved documents "
+                       "with their image shards, to OUT/SPLIT/ (recipes build these into the cache on first use).")
+    s.add_argument("kind", choices=["shards", "captions", "scenes", "interleaved"])
+    s.add_argument("--from", dest="src", help="shards: the image folder to convert")
+    s.add_argument("--shard-size", type=int, default=1000, help="shards: images per shard")
+    s.add_argument("--max-side", type=int, default=0, help="shards: downscale images whose longer side exceeds this")
+    s.add_argument("--workers", type=int, default=0, help="shards: writer processes (default: the CPU count)")
     s.add_argument("--out", help="corpus folder (default: the cache, $IMAGELM_CORPORA/KIND or "
                    "~/.cache/imagelm/corpora/KIND)")
     s.add_argument("--split", choices=["train", "test", "both"], default="both")

@@ -70,15 +70,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion-mnist", "folder", "synthetic", "captions", "scenes", "captions+scenes",
+    dataset: Literal["fashion-mnist", "folder", "shards", "synthetic", "captions", "scenes", "captions+scenes",
                      "interleaved"] = "fashion-mnist"
-    root: str = ""              # "" = the dataset's default location (corpora: ~/.cache/imagelm/corpora)
+    root: str = ""              # "" = the dataset's default location (corpora: ~/.cache/imagelm/corpora);
+                                # folder: ROOT/train/CLASS/*.jpg (+ ROOT/val or ROOT/test); shards: a folder
+                                # of *.tar (or with train/ and val/ or test/ subfolders), a brace pattern or glob
     resize: bool = False        # resize images to model.img_size (else a size mismatch is an error)
     corpus_size: Annotated[int, NON_NEGATIVE] = 0   # samples per split of a built corpus (0 = its default: every image)
     crop_scale: Annotated[tuple[Unit, Unit], ORDERED] = (0.4, 1.0)   # RandomResizedCrop scale (AIM)
     crop_ratio: Annotated[tuple[Annotated[float, POSITIVE], Annotated[float, POSITIVE]], ORDERED] = (0.75, 4 / 3)
     flip: bool = True
     strict: bool = False        # fail on an unreadable image instead of skipping it
+    color_jitter: float = 0.0   # streamed data: brightness/contrast/saturation jitter strength (0 = off)
+    workers: int = -1           # streamed data: decoding processes per rank (-1: from the CPU count, 0: none)
+    prefetch: int = 2           # streamed data: batches each worker prepares ahead
+    shuffle_buffer: int = 1000  # shards: samples (references, not pixels) in each reader's shuffle buffer
 
 
 @dataclass

@@ -18,7 +18,7 @@ from imagelm import checkpoint, dist, parallel
 from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict, read_yaml
 from imagelm.errors import CheckpointError, TrainingDiverged  # noqa: F401 - importable from here
 from imagelm.data import sources
-from imagelm.data.loader import BatchLoader
+from imagelm.data.loader import make_loader
 from imagelm.methods import PreparesData, build_method
 
 
@@ -96,10 +96,12 @@ class Trainer:
                               f"{t.batch_size // t.accum_steps}; use train.accum_steps=1 (and more ranks or memory "
                               f"for a large batch)")
         if isinstance(self.method, PreparesData):   # fit (or, on resume, load) a tokenizer; tokenize the text
-            # on the CPU, beside the data, before the method moves: what it fits lands on the device with it
-            self.method.prepare(self.data, self.out, log=print if self.rank == 0 else lambda *a: None)
+            # on the CPU, beside the data, before the method moves: what it fits lands on the device with it;
+            # streamed data hands it a bounded sample
+            self.method.prepare(sources.in_memory(self.data), self.out,
+                                log=print if self.rank == 0 else lambda *a: None)
         self.method.to(self.device)
-        self.loader = BatchLoader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
+        self.loader = make_loader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
                                   self.rank, self.world, self.device)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dist.bf16_supported(self.device))
         self.autocast = lambda: dist.autocast(self.device, use_bf16)
@@ -125,7 +127,7 @@ class Trainer:
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
         if self.resume_from is not None:
-            old = read_yaml(cfg_path, "run config")
+            old = load_run_config(self.out).to_dict()     # keys added since the run started: their defaults
             changed = diff(old, self.cfg.to_dict())
             if changed:
                 raise ConfigError(f"refusing to resume {self.out}: the config differs in {', '.join(changed)} "
@@ -266,8 +268,11 @@ class Trainer:
                     now = time.time()
                     row.update(step=self.step, epoch=self.step / self.loader.steps_per_epoch,
                                img_per_s=imgs / max(now - tick, 1e-9), time=now - t0)
+                    if self.loader.skipped:   # unreadable samples replaced in this epoch (this rank)
+                        row["data_skipped"] = self.loader.skipped.get((self.step - 1) // self.loader.steps_per_epoch, 0)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}",
+                                    **({"skipped": row["data_skipped"]} if "data_skipped" in row else {}))
                     if self.step % self.cfg.train.log_every == 0 or self.step == self.total:
                         log_file.write(json.dumps(row) + "\n")
                         log_file.flush()
@@ -280,6 +285,7 @@ class Trainer:
             undo()
             raise
         finally:
+            self.loader.close()
             if self.rank == 0:
                 bar.close()
                 writer.close()

@@ -441,10 +441,30 @@ def load_image_text(urls: str | Path | Sequence[str | Path], strict: bool = Fals
         keys.append(s["__key__"])
     if not images:
         raise FileNotFoundError(f"no image-text samples in {urls}")
-    shapes = {tuple(x.shape) for x in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images of several shapes {sorted(shapes)[:4]}: resize them when building the shards")
-    return ImageTextData(torch.stack(images), captions, torch.tensor(labels), meta, keys, stats.skipped)
+    return ImageTextData(torch.stack(common_shape(images)), captions, torch.tensor(labels), meta, keys, stats.skipped)
+
+
+def common_shape(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """(C, H, W) uint8 images in the most frequent shape: the others converted (grey <-> RGB) and
+    resized one by one, with a warning and a count, rather than the whole corpus refused."""
+    from collections import Counter
+
+    (C, H, W), _ = Counter(tuple(x.shape) for x in images).most_common(1)[0]
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)       # ITU-R 601 luma, as Pillow's convert("L")
+    out, changed = [], 0
+    for x in images:
+        if tuple(x.shape) != (C, H, W):
+            changed += 1
+            if x.shape[0] != C:
+                x = x.expand(3, -1, -1) if C == 3 else (x[:3].float() * weights).sum(0, keepdim=True).round().to(
+                    torch.uint8)
+            if x.shape[-2:] != (H, W):
+                x = torch.nn.functional.interpolate(x[None].float(), size=(H, W), mode="bilinear", antialias=True)
+                x = x[0].round().clamp(0, 255).to(torch.uint8)
+        out.append(x.contiguous())
+    if changed:
+        log.warning("%d of %d images were not %dx%dx%d: converted and resized to it", changed, len(images), C, H, W)
+    return out
 
 
 @dataclass

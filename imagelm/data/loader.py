@@ -22,6 +22,7 @@ class BatchLoader:
         self.device = torch.device(device)    # uint8 images travel, augmentation runs there
         self.steps_per_epoch = len(data) // global_batch     # the last partial batch is dropped
         self._perm_epoch, self._perm = -1, None
+        self.skipped: dict[int, int] = {}     # epoch -> unreadable samples (none: read before training)
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
@@ -45,3 +46,16 @@ class BatchLoader:
         images = random_resized_crop(images, theta[mine.start * per:mine.stop * per].to(d)).view(raw.shape)
         extras = {k: v[idx[mine]].to(d) for k, v in self.data.extras.items()}
         return {"image": images, "label": self.data.labels[idx[mine]].to(d), "noise": noise[mine].to(d), **extras}
+
+    def close(self) -> None:
+        pass
+
+
+def make_loader(data, data_cfg, global_batch: int, seed: int, noise_dim: int = 0, rank: int = 0, world: int = 1,
+                device: torch.device | str = "cpu"):
+    """The loader for any dataset: in memory (BatchLoader, augmentation on the device) or streamed
+    from disk (StreamLoader, decoding in worker processes). Both answer batch(step) alike."""
+    if isinstance(data, ImageData):
+        return BatchLoader(data, data_cfg, global_batch, seed, noise_dim, rank, world, device)
+    from imagelm.data.stream import StreamLoader
+    return StreamLoader(data, data_cfg, global_batch, seed, noise_dim, rank, world, device)

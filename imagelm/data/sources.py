@@ -1,9 +1,12 @@
-"""Image sources, held in memory as uint8 tensors: Fashion-MNIST (IDX files), image folders
-(class = subfolder), and synthetic images for tests."""
+"""Image sources. In memory as uint8 tensors (ImageData): Fashion-MNIST (IDX files), the
+image-text corpora, synthetic images for tests, small folders (`image_folder`). Streamed from disk
+(`load` gives a FolderSet / ShardSet for data.dataset=folder|shards): image folders (class =
+subfolder) and WebDataset shards; `in_memory` turns either kind into a bounded ImageData."""
 from __future__ import annotations
 
 import gzip
 import logging
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,38 +76,30 @@ def fashion_mnist(split: str, root: str = "") -> ImageData:
                      list(FASHION_MNIST_CLASSES))
 
 
-def image_folder(root: str, size: int, channels: int, strict: bool = False) -> ImageData:
-    """root/class_name/*.png: decoded with Pillow, resized to size x size. Unreadable files are
-    skipped and counted, or raise under strict."""
-    from PIL import Image
+def image_folder(root: str, size: int, channels: int, strict: bool = False,
+                 classes: list[str] | None = None) -> ImageData:
+    """root/class_name/*.png decoded into memory with Pillow, resized to size x size (small
+    folders; `data.dataset=folder` streams instead, see data/folder.py). Unreadable files are
+    skipped and counted, or raise under strict; `classes`: the train split's list."""
+    from imagelm.data.folder import FolderSet
+    from imagelm.data.images import open_image, to_tensor
 
-    root_p = Path(root)
-    if not root_p.is_dir():
-        raise DatasetMissing(f"image folder {root_p} does not exist")
-    classes = sorted(p.name for p in root_p.iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetMissing(f"{root_p} has no class subfolders (expected root/CLASS/IMAGE)")
+    fs = FolderSet(root, channels, size, classes, strict, say=lambda m: log.warning(m))
     images, labels, skipped = [], [], 0
-    mode = {1: "L", 3: "RGB"}[channels]
-    for label, name in enumerate(classes):
-        for path in sorted((root_p / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as im:
-                    im = im.convert(mode).resize((size, size), Image.BICUBIC)
-                    arr = np.asarray(im, dtype=np.uint8).reshape(size, size, channels)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file
-                if strict:
-                    raise ValueError(f"cannot decode {path}: {e}") from e
-                log.warning("skipping unreadable image %s: %s", path, e)
-                skipped += 1
-                continue
-            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-            labels.append(label)
+    for i in range(len(fs)):
+        try:
+            im = open_image(fs.path(i), {1: "L", 3: "RGB"}[channels]).resize((size, size), 3)   # 3: bicubic
+        except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt file
+            if strict:
+                raise ValueError(f"cannot decode {fs.path(i)}: {e}") from e
+            log.warning("skipping unreadable image %s: %s", fs.path(i), e)
+            skipped += 1
+            continue
+        images.append(to_tensor(im))
+        labels.append(int(fs.labels[i]))
     if not images:
-        raise DatasetMissing(f"no readable images under {root_p}")
-    return ImageData(torch.stack(images), torch.tensor(labels), classes, skipped)
+        raise DatasetMissing(f"no readable images under {root}")
+    return ImageData(torch.stack(images), torch.tensor(labels), fs.classes, skipped)
 
 
 def synthetic(n: int, size: int, channels: int, classes: int = 4, seed: int = 0) -> ImageData:
@@ -168,6 +163,69 @@ def interleaved(split: str, size: int, root: str = "", n: int = 0, strict: bool 
                      documents=docs.docs, corpus={"root": root or None, "n": n or None})
 
 
+def split_root(data_cfg, split: str) -> str:
+    """Where a split of a folder / shard dataset lies: ROOT/train, ROOT/val or ROOT/test (test
+    falls back to val, ImageNet's name); shards whose root has no such subfolders are the train
+    split, and a pattern naming 'train' gives the test split with 'val' or 'test' in its place."""
+    from imagelm.data.webdataset import expand_urls
+
+    if not data_cfg.root:
+        raise DatasetMissing(f"data.dataset={data_cfg.dataset} needs data.root= (an image folder ROOT/train/CLASS/* "
+                             f"or WebDataset shards)")
+    root = Path(data_cfg.root)
+    names = ("train",) if split == "train" else ("test", "val")
+    if root.is_dir():
+        for n in names:
+            if (root / n).is_dir():
+                return str(root / n)
+        if data_cfg.dataset == "shards" and split == "train" and not any(
+                (root / n).is_dir() for n in ("test", "val")):
+            return str(root)
+        raise DatasetMissing(f"{root} has no {' or '.join(names)} split folder (expected {root}/train/... and "
+                             f"{root}/val/ or {root}/test/)")
+    if not any(c in data_cfg.root for c in "{*?[") and not root.exists():
+        raise DatasetMissing(f"data.root {root} does not exist (data.dataset={data_cfg.dataset})")
+    if data_cfg.dataset == "shards":
+        if split == "train":
+            return data_cfg.root
+        for n in names:      # train-{000000..001023}.tar -> val-*.tar: the twin's count may differ
+            alt = re.sub(r"\{[^{}]*\}", "*", data_cfg.root.replace("train", n))
+            if alt != data_cfg.root and expand_urls(alt):
+                return alt
+        raise DatasetMissing(f"no test shards for {data_cfg.root}: give a folder with train/ and val/ (or test/) "
+                             f"subfolders, or a pattern naming 'train' with a 'val' or 'test' twin")
+    raise DatasetMissing(f"image folder {root} does not exist")
+
+
+def is_streamed(data) -> bool:
+    return not isinstance(data, ImageData)
+
+
+PREPARE_IMAGES = 5000     # images a method's prepare() (tokenizer, palette) sees of a streamed set
+
+
+def in_memory(data, n: int = PREPARE_IMAGES) -> ImageData:
+    """The dataset itself when it is in memory; else a bounded sample of n decoded images (the
+    same each time), for what needs pixels up front: methods' prepare(), tokenizers, sample grids."""
+    if isinstance(data, ImageData):
+        return data
+    from imagelm.data.stream import sample
+    return sample(data, n, data.workers)
+
+
+def _open(data_cfg, model_cfg, split: str, train=None):
+    """A streamed split: the folder or shards, listed (not decoded), with the train split's classes."""
+    from imagelm.data.folder import FolderSet
+    from imagelm.data.shards import ShardSet
+
+    root = split_root(data_cfg, split)
+    classes = train.classes if train is not None else None
+    args = (root, model_cfg.in_chans, model_cfg.img_size, classes, data_cfg.strict)
+    ds = FolderSet(*args) if data_cfg.dataset == "folder" else ShardSet(*args, data_cfg.shuffle_buffer)
+    ds.workers = data_cfg.workers
+    return ds
+
+
 def _read(data_cfg, model_cfg, split: str) -> ImageData:
     if data_cfg.dataset == "fashion-mnist":
         return fashion_mnist(split, data_cfg.root)
@@ -175,15 +233,26 @@ def _read(data_cfg, model_cfg, split: str) -> ImageData:
         return interleaved(split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size, data_cfg.strict)
     if data_cfg.dataset in ("captions", "scenes", "captions+scenes"):
         return image_text(data_cfg.dataset.split("+"), split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size)
-    if data_cfg.dataset == "folder":
-        return image_folder(str(Path(data_cfg.root) / split), model_cfg.img_size, model_cfg.in_chans, data_cfg.strict)
     n, seed = {"train": (512, 0), "test": (256, 1)}[split]
     return synthetic(n, model_cfg.img_size, model_cfg.in_chans, seed=seed)
 
 
-def load(data_cfg, model_cfg, split: str, train: ImageData | None = None) -> ImageData:
+def load(data_cfg, model_cfg, split: str, train=None):
     """The split ('train' or 'test') of the configured dataset, standardised with train-split
-    statistics: those of `train` when given (so the train split is not read twice)."""
+    statistics: those of `train` when given (so the train split is not read twice). Folders and
+    shards are streamed (a FolderSet / ShardSet: listed, not decoded; statistics from a sample);
+    the rest is an in-memory ImageData."""
+    if data_cfg.dataset in ("folder", "shards"):
+        from imagelm.data.stream import fit_stats
+        if train is None and split != "train":
+            train = _open(data_cfg, model_cfg, "train")
+        ds = _open(data_cfg, model_cfg, split, train)
+        if train is None:
+            train = ds
+        if not train.mean:
+            fit_stats(train, data_cfg.workers)
+        ds.mean, ds.std = train.mean, train.std
+        return ds
     ds = _read(data_cfg, model_cfg, split)
     if train is None:
         train = ds if split == "train" else _read(data_cfg, model_cfg, "train")

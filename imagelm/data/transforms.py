@@ -32,7 +32,7 @@ def random_resized_crop(images: torch.Tensor, theta: torch.Tensor) -> torch.Tens
 
 
 def normalize(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float, standardised per channel."""
-    m = torch.tensor(mean, device=images_u8.device).view(1, -1, 1, 1)
+    """uint8 (B, C, H, W) -> float, standardised per channel: x / (255 s) - m / s in one fused op."""
     s = torch.tensor(std, device=images_u8.device).view(1, -1, 1, 1)
-    return (images_u8.float() / 255 - m) / s
+    m = torch.tensor(mean, device=images_u8.device).view(1, -1, 1, 1)
+    return torch.addcmul(-m / s, images_u8.contiguous(), 1 / (255 * s))

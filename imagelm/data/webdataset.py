@@ -178,12 +178,11 @@ def decode_image(data: bytes) -> torch.Tensor:
     so a truncated file fails now, not in a training step."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        if im.mode not in ("L", "RGB"):
-            im = im.convert("L" if im.mode in ("1", "I", "I;16", "F") else "RGB")
-        a = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).unsqueeze(0) if a.ndim == 2 else torch.from_numpy(a.copy()).permute(2, 0, 1)
+    from imagelm.data.images import open_image, to_tensor
+
+    with Image.open(io.BytesIO(data)) as im:      # greyscale stays 1 channel, 16-bit is scaled to 8
+        mode = "L" if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16") else "RGB"
+    return to_tensor(open_image(data, mode))
 
 
 def decode_field(ext: str, data: bytes) -> Any:

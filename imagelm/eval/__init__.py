@@ -103,7 +103,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
     if "knn" in probes and cfg.eval.knn_k > fit:
         log(f"warning: eval.knn_k={cfg.eval.knn_k} is more than the {fit} images the k-NN votes with; using k={fit}")
         cfg.eval = dataclasses.replace(cfg.eval, knn_k=fit)
-    if (train.labels < 0).any() and (probes or finetune):
+    if train.labels is not None and (train.labels < 0).any() and (probes or finetune):
         raise ConfigError(f"{cfg.data.dataset} has no class labels to probe with: pass eval.dataset=fashion-mnist "
                           f"(or another labelled dataset)")
     _, _, device = dist.init()
@@ -136,23 +136,27 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
             method.load_state_dict({k: v for k, v in weights.items() if k in buffers}, strict=False)
         method.to(device)
         (f_train, f_test), tok = encoder_features(method)
-        r = run_probes(f_train, f_test, train.labels, test.labels, classes, probes, cfg.eval, tok, log)
+        if f_train.labels is not None and len(f_train.labels):    # streamed data: the labels read with the images
+            classes = max(classes, int(f_train.labels.max()) + 1)
+        r = run_probes(f_train, f_test, f_train.labels, f_test.labels, classes, probes, cfg.eval, tok, log)
         if name == "pretrained":
             results.update(r)
             if hasattr(method, "latents"):     # a method's own latent (LCL's z): is it collapsed?
-                results["latent"] = latent_stats(method, test, bf16)
+                results["latent"] = latent_stats(method, sources.in_memory(test), bf16)
             if finetune:
                 from imagelm.eval.finetune import finetune as run_finetune
                 t0 = time.time()
-                results["finetune"] = run_finetune(method, train, test, probe_data, cfg.eval, device, bf16, log)
+                results["finetune"] = run_finetune(method, sources.in_memory(train, cfg.eval.finetune_images or 50000),
+                                                   sources.in_memory(test, 50000), probe_data, cfg.eval, device, bf16,
+                                                   log)
                 log(f"  finetune ({results['finetune']['images']} images): {results['finetune']['acc']:.4f} "
                     f"({time.time() - t0:.0f}s)")
         else:
             results[name] = r
     if baselines:
         log("raw_pixels:")
-        f_train, f_test = feats.raw_pixels(train, cfg.model.patch_size), feats.raw_pixels(test, cfg.model.patch_size)
-        results["raw_pixels"] = run_probes(f_train, f_test, train.labels, test.labels, classes, probes, cfg.eval,
+        f_train, f_test = (feats.raw_pixels(sources.in_memory(d), cfg.model.patch_size) for d in (train, test))
+        results["raw_pixels"] = run_probes(f_train, f_test, f_train.labels, f_test.labels, classes, probes, cfg.eval,
                                            ["pixels"], log)
     results["checkpoint"] = str(ckpt.resolve())
     results["eval_config"] = to_plain(cfg.eval)

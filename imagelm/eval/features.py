@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from imagelm.data.sources import ImageData
+from imagelm.data.sources import ImageData, is_streamed
 from imagelm.data.transforms import normalize
 from imagelm.nn.embed import patchify
 
@@ -23,6 +23,18 @@ CPU_CHUNK_TOKENS = 4096
 class Features:
     pooled: dict[int, torch.Tensor]      # layer -> (N, D) float32
     tokens: torch.Tensor | None          # (N, K, D) bf16, mean over the token layers
+    labels: torch.Tensor | None = None   # (N,) the images' labels, in feature order
+
+
+def batches(data, size: int, device: torch.device | str = "cpu"):
+    """(uint8 images, labels) in chunks of `size`: slices of an in-memory set, or one streamed pass
+    over a folder / shards (decoded in worker processes, so a set larger than memory works)."""
+    if not is_streamed(data):
+        for i in range(0, len(data), size):
+            yield data.images[i:i + size], data.labels[i:i + size]
+        return
+    from imagelm.data.stream import eval_batches
+    yield from eval_batches(data, size, data.workers, pin=torch.device(device).type == "cuda")
 
 
 @torch.inference_mode()
@@ -33,20 +45,29 @@ def extract(encoder, data: ImageData, layers: list[int], token_layers: list[int]
     pooled = {l: [] for l in layers}
     tokens = []
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    chunk = batch_size
+    chunk, labels = batch_size, []
     if torch.device(device).type == "cpu" and want and len(data):
-        with amp:      # tokens per image, from one image
-            n = encoder.features(normalize(data.images[:1], data.mean, data.std), want[:1])[0].shape[1]
+        with amp:      # tokens per image, from an image of the encoder's size
+            one = torch.zeros(1, data.channels, data.size, data.size, dtype=torch.uint8) if is_streamed(data) \
+                else data.images[:1]
+            n = encoder.features(normalize(one, data.mean, data.std), want[:1])[0].shape[1]
         chunk = max(1, min(batch_size, CPU_CHUNK_TOKENS // n))
-    for i in range(0, len(data), chunk):
-        x = normalize(data.images[i:i + chunk], data.mean, data.std).to(device)
+    for images, y in batches(data, chunk, device):
+        labels.append(y.tolist())      # plain ints: a tensor made here would be an inference tensor
+        x = normalize(images.to(device, non_blocking=True), data.mean, data.std)
         with amp:
             outs = dict(zip(want, encoder.features(x, want)))
         for l in layers:
             pooled[l].append(outs[l].float().mean(dim=1).cpu())
         if token_layers:
             tokens.append(torch.stack([outs[l].float() for l in token_layers]).mean(0).to(torch.bfloat16).cpu())
-    return Features({l: torch.cat(v) for l, v in pooled.items()}, torch.cat(tokens) if tokens else None)
+    return Features({l: torch.cat(v) for l, v in pooled.items()}, torch.cat(tokens) if tokens else None,
+                    _labels(labels))
+
+
+@torch.inference_mode(False)
+def _labels(chunks: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([y for c in chunks for y in c], dtype=torch.int64)
 
 
 def raw_pixels(data: ImageData, patch_size: int) -> Features:
@@ -57,4 +78,4 @@ def raw_pixels(data: ImageData, patch_size: int) -> Features:
     patches = patchify(x, patch_size)                                    # (N, K, p*p*C)
     N, K, _ = patches.shape
     pos = torch.eye(K).expand(N, K, K)
-    return Features({0: x.flatten(1)}, torch.cat([patches, pos], dim=-1).to(torch.bfloat16))
+    return Features({0: x.flatten(1)}, torch.cat([patches, pos], dim=-1).to(torch.bfloat16), data.labels)
