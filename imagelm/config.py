@@ -73,14 +73,16 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 1024      # feature extraction (inference mode, bf16; on CPU in chunks of ~4096 tokens)
     linear_iters: int = 300     # L-BFGS steps per fit of the linear probe's L2 path (see eval/probe.py)
-    linear_wd: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5, 0.0)   # swept on a held-out split of train
+    linear_wd: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5, 0.0)   # L2 strengths, chosen on val
+    select_images: int = 10000  # fit images the linear probe ranks layers with (0 = all); the chosen one gets all
     attentive_layers: str = "last:6"   # blocks averaged for the attentive probe: "last:N" or "1,2,3" (AIM: last 6)
     attentive_epochs: int = 10
-    attentive_lr: float = 1e-2    # inputs are BatchNorm-ed; 1e-2 beat 1e-3 and 3e-3 on aim-tiny
+    attentive_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)   # the attentive probe's lr, chosen on val
     attentive_heads: int = 8
     knn_k: int = 20
     knn_t: float = 0.07
-    val_size: int = 5000        # train images held out to choose probe hyper-parameters
+    val_size: int = 5000        # train images held out (at most 20%) to make every probe choice on
+    seed: int = 0               # the fit/val split
     dataset: Literal["", "fashion-mnist", "folder", "synthetic"] = ""   # labelled probe data, if not the training data
     finetune_epochs: float = 3.0   # `imagelm eval --finetune`: end-to-end, linear head on pooled tokens
     finetune_lr: float = 3e-4
@@ -210,7 +212,8 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 
 
 # keys that configs saved by older versions hold and this one no longer has
-RETIRED = {"eval": ("linear_epochs",)}      # never read: the linear probe runs L-BFGS (eval.linear_iters)
+RETIRED = {"eval": ("linear_epochs",    # never read: the linear probe runs L-BFGS (eval.linear_iters)
+                    "attentive_lr")}    # one lr, chosen on test: now eval.attentive_lrs, chosen on val
 
 
 def drop_retired(d: dict) -> dict:
