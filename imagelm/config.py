@@ -74,7 +74,7 @@ class EvalConfig:
     batch_size: int = 1024      # feature extraction (inference mode, bf16; on CPU in chunks of ~4096 tokens)
     linear_iters: int = 300     # L-BFGS steps per fit of the linear probe's L2 path (see eval/probe.py)
     linear_wd: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5, 0.0)   # L2 strengths, chosen on val
-    select_images: int = 10000  # fit images the linear probe ranks layers with (0 = all); the chosen one gets all
+    select_images: int = 10000  # fit images to rank layers / attentive lrs by (0 = all); the chosen one gets all
     attentive_layers: str = "last:6"   # blocks averaged for the attentive probe: "last:N" or "1,2,3" (AIM: last 6)
     attentive_epochs: int = 10
     attentive_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)   # the attentive probe's lr, chosen on val

@@ -68,7 +68,8 @@ def run_probes(f_train: feats.Features, y_train: torch.Tensor, split: P.Split, c
         tokens = f_train.tokens.to(device)
         tst = (f_test.tokens.to(device), y_test) if test else None
         res["attentive"] = {**P.attentive_probe(tokens, y, split, classes, tst, ecfg.attentive_epochs,
-                                                ecfg.attentive_lrs, ecfg.attentive_heads, log=log),
+                                                ecfg.attentive_lrs, ecfg.attentive_heads,
+                                                select_images=ecfg.select_images, log=log),
                             "layers": token_layers}
         seconds["attentive"] = time.time() - t0
         log(f"  attentive {token_layers}: lr {res['attentive']['lr']:g}, {_figures(res['attentive'])} "
