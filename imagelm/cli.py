@@ -52,19 +52,20 @@ def cmd_eval(args) -> int:
     probes = {"all": PROBES, "none": ()}.get(args.probe, (args.probe,))
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     results = evaluate(Path(args.run), probes, args.layers, args.baselines, args.finetune, args.overrides,
-                       args.zero_shot, args.retrieval, args.itm, log=log)
+                       args.zero_shot, args.retrieval, args.itm, args.split, log=log)
     if args.json:
         print(json.dumps(results))
     else:
         print(table(results))
-        print(f"results: {Path(args.run) / 'eval' / 'probes.json'}; plots: {Path(args.run) / 'plots'}")
+        name = "probes.json" if args.split == "test" else "probes-val.json"
+        print(f"results: {Path(args.run) / 'eval' / name}; plots: {Path(args.run) / 'plots'}")
     return 0
 
 
 def cmd_compare(args) -> int:
     from imagelm.eval import compare
 
-    print(compare([Path(r) for r in args.runs]))
+    print(compare([Path(r) for r in args.runs], args.split, args.markdown))
     return 0
 
 
@@ -246,6 +247,8 @@ def main(argv=None) -> int:
     s.add_argument("--baselines", action="store_true", help="also probe raw pixels and the random-init encoder")
     s.add_argument("--finetune", action="store_true", help="also fine-tune end to end with a classifier (eval.finetune_* "
                    "keys: epochs, lr, images for low-data, gen_weight to keep the pretraining loss)")
+    s.add_argument("--split", choices=["test", "val"], default="test",
+                   help="test: choices on val, then test scored once; val: val figures only, test never read")
     s.add_argument("--json", action="store_true", help="print one JSON object (accuracies in [0, 1])")
     s.set_defaults(fn=cmd_eval)
 
@@ -253,6 +256,8 @@ def main(argv=None) -> int:
                        description="Print the probe accuracies of several runs (from RUN/eval/probes.json) in one "
                        "table, with the baselines of the first run evaluated with --baselines.")
     s.add_argument("runs", nargs="+")
+    s.add_argument("--split", choices=["test", "val"], default="test", help="which evaluation's figures")
+    s.add_argument("--markdown", action="store_true", help="a Markdown table, seeds of a recipe as mean +- std")
     s.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("sample", help="pictures from a run: MAE reconstructions, iGPT completions",

@@ -119,14 +119,17 @@ class EvalConfig:
     batch_size: Annotated[int, POSITIVE] = 1024   # feature extraction (inference, bf16; CPU: chunks of ~4096 tokens)
     linear_iters: Annotated[int, POSITIVE] = 300  # L-BFGS steps per fit of the linear probe's L2 path (eval/probe.py)
     linear_wd: Annotated[tuple[Annotated[float, NON_NEGATIVE], ...], NON_EMPTY] = (1e-2, 1e-3, 1e-4, 1e-5, 0.0)
-                                # L2 strengths swept on a held-out split of train
+                                # L2 strengths, chosen on val
+    select_images: Annotated[int, NON_NEGATIVE] = 10000   # fit images to rank layers / attentive lrs by (0 = all)
     attentive_layers: Annotated[str, LAYERS] = "last:6"   # blocks averaged for the attentive probe (AIM: last 6)
     attentive_epochs: Annotated[int, POSITIVE] = 10
-    attentive_lr: Annotated[float, POSITIVE] = 1e-2   # inputs are BatchNorm-ed; 1e-2 beat 1e-3 and 3e-3 on aim-tiny
+    attentive_lrs: Annotated[tuple[Annotated[float, POSITIVE], ...], NON_EMPTY] = (3e-3, 1e-2, 3e-2)
+                                # the attentive probe's lr, chosen on val
     attentive_heads: Annotated[int, POSITIVE] = 8
     knn_k: Annotated[int, POSITIVE] = 20
     knn_t: Annotated[float, POSITIVE] = 0.07
-    val_size: Annotated[int, POSITIVE] = 5000     # train images held out to choose probe hyper-parameters
+    val_size: Annotated[int, POSITIVE] = 5000     # train images held out (at most 20%) to make every probe choice on
+    seed: int = 0               # the fit/val split
     dataset: Literal["", "fashion-mnist", "folder", "synthetic"] = ""   # labelled probe data, if not the training data
     finetune_epochs: Annotated[float, POSITIVE] = 3.0   # `imagelm eval --finetune`: end to end, linear head
     finetune_lr: Annotated[float, POSITIVE] = 3e-4
@@ -317,7 +320,8 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 
 
 # keys that configs saved by older versions hold and this one no longer has
-RETIRED = {"eval": ("linear_epochs",)}      # never read: the linear probe runs L-BFGS (eval.linear_iters)
+RETIRED = {"eval": ("linear_epochs",    # never read: the linear probe runs L-BFGS (eval.linear_iters)
+                    "attentive_lr")}    # one lr, chosen on test: now eval.attentive_lrs, chosen on val
 
 
 def drop_retired(d: dict) -> dict:

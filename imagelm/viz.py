@@ -23,7 +23,8 @@ def plot_loss(run: Path) -> Path | None:
 
 
 def plot_layers(run: Path, results: dict) -> Path | None:
-    """Linear (solid) and k-NN (dashed) test accuracy per layer, pretrained and random init."""
+    """Linear (solid) and k-NN (dashed) val accuracy per layer (what each probe chose its layer
+    by), pretrained and random init."""
     if "linear" not in results and "knn" not in results:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -34,9 +35,9 @@ def plot_layers(run: Path, results: dict) -> Path | None:
                 ax.plot([int(l) for l in per], [100 * a for a in per.values()], style, color=colour, marker="o",
                         label=f"{probe}, {name}")
         raw = results.get("raw_pixels", {}).get(probe)
-        if raw:
-            ax.axhline(100 * raw["acc"], color="gray", ls=style, label=f"{probe}, raw pixels")
-    ax.set(xlabel="layer (0 = patch embeddings)", ylabel="test top-1 (%)", title="probes per layer")
+        if raw and "val_acc" in raw:
+            ax.axhline(100 * raw["val_acc"], color="gray", ls=style, label=f"{probe}, raw pixels")
+    ax.set(xlabel="layer (0 = patch embeddings)", ylabel="val top-1 (%)", title="probes per layer")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, run / "plots" / "probe_layers.png")

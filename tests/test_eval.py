@@ -7,7 +7,7 @@ from imagelm.cli import main
 from imagelm.data import sources
 from imagelm.eval import parse_layers
 from imagelm.eval import probe as P
-from imagelm.eval.features import extract, raw_pixels
+from imagelm.eval.features import Features, extract, raw_pixels
 from imagelm.train import Trainer
 
 
@@ -18,12 +18,98 @@ def _blobs(n, d=16, classes=4, seed=0):
     return centres[y] + torch.randn(n, d, generator=g), y
 
 
+def _train_test(n=600, nt=300, seed=0):
+    """Blobs as one train set (with its fit/val split) and a test set."""
+    (x, y), (xt, yt) = _blobs(n, seed=seed), _blobs(nt, seed=seed + 1)
+    return x, y, P.split_train(y, 100), xt, yt
+
+
 def test_linear_probe_and_knn_separate_separable_classes():
-    (x, y), (xt, yt) = _blobs(600), _blobs(300, seed=1)
-    assert P.linear_probe(x, y, xt, yt, 4, val_size=100)["acc"] > 0.97
-    assert P.knn(x, y, xt, yt, 4, k=5)["acc"] > 0.97
-    shuffled = P.linear_probe(x, y[torch.randperm(600)], xt, yt, 4, val_size=100)["acc"]
+    x, y, split, xt, yt = _train_test()
+    assert P.linear_probe({0: x}, y, split, 4, ({0: xt}, yt), iters=50)["acc"] > 0.97
+    assert P.knn_probe({0: x}, y, split, 4, ({0: xt}, yt), k=5)["acc"] > 0.97
+    shuffled = P.linear_probe({0: x}, y[torch.randperm(600)], split, 4, ({0: xt}, yt), iters=50)["acc"]
     assert shuffled < 0.5                        # labels carry the signal, not the probe
+
+
+def test_val_split_is_stratified_shuffled_and_seeded():
+    y = torch.arange(4).repeat_interleave(250)          # sorted by class, as an image folder is read
+    s = P.split_train(y, 100)
+    assert len(s.val) == 100 and len(s.fit) == 900
+    assert sorted(torch.cat([s.fit, s.val]).tolist()) == list(range(1000))          # a partition of train
+    assert torch.bincount(y[s.val], minlength=4).tolist() == [25, 25, 25, 25]         # every class its share
+    assert len(set(y[s.fit[:50]].tolist())) == 4 and len(set(y[s.val[:20]].tolist())) > 1   # shuffled
+    assert torch.equal(P.split_train(y, 100).val, s.val)                              # fixed by the seed
+    assert not torch.equal(P.split_train(y, 100, seed=1).val, s.val)
+    assert len(P.split_train(y, 5000).val) == 200      # at most 20% of a small dataset
+
+
+def test_a_dataset_smaller_than_val_size_still_probes():
+    (x, y), (xt, yt) = _blobs(12), _blobs(20, seed=1)
+    s = P.split_train(y, 5000)
+    assert len(s.val) == 2 and len(s.fit) == 10
+    for r in (P.linear_probe({0: x}, y, s, 4, ({0: xt}, yt), iters=20), P.knn_probe({0: x}, y, s, 4, ({0: xt}, yt))):
+        assert 0 <= r["val_acc"] <= 1 and 0 <= r["acc"] <= 1
+    assert len(P.split_train(y[:2], 5000).fit) == 1
+    import pytest
+    with pytest.raises(ValueError, match="at least 2"):
+        P.split_train(y[:1], 5000)
+
+
+def _probe_data():
+    """Two pooled layers and a token band whose informative parts differ between train and test:
+    layer 1 and token 2 carry the label in train (so in val), layer 0 and token 4 only in test."""
+    x, y, split, xt, yt = _train_test()
+    noise, noise_t = torch.randn(600, 16), torch.randn(300, 16)
+    g = torch.Generator().manual_seed(0)
+    tokens, tokens_t = torch.randn(600, 6, 16, generator=g), torch.randn(300, 6, 16, generator=g)
+    tokens[torch.arange(600), 2, y] += 4.0
+    tokens_t[torch.arange(300), 4, yt] += 4.0
+    return Features({0: noise, 1: x}, tokens), y, split, Features({0: xt, 1: noise_t}, tokens_t), yt
+
+
+def test_each_probe_chooses_on_val_never_on_test():
+    """Choices follow val where test disagrees: choosing on test would pick layer 0 and score > 97%."""
+    from imagelm.config import EvalConfig
+    from imagelm.eval import run_probes
+
+    f, y, split, ft, yt = _probe_data()
+    ecfg = EvalConfig(linear_iters=50, linear_wd=(1e-3, 0.0))
+    res = run_probes(f, y, split, 4, ("linear", "knn"), ecfg, (ft, yt), log=lambda *a: None)
+    for probe in ("linear", "knn"):
+        assert res[probe]["layer"] == 1 and res[probe]["val_acc"] > 0.97 and res[probe]["acc"] < 0.5
+        assert res[probe]["per_layer"]["0"] < 0.5          # val accuracy per layer: the noise layer lost
+    assert res["knn"]["k"] == 20 and res["features"]["layer"] == 1
+    only_knn = run_probes(f, y, split, 4, ("knn",), ecfg, (ft, yt), log=lambda *a: None)
+    assert "linear" not in only_knn and {**only_knn["knn"], "seconds": 0} == {**res["knn"], "seconds": 0}
+
+
+def test_no_probe_reads_test_labels_before_its_choices():
+    """Poisoned test labels (garbage, then none at all) leave every choice and val figure unchanged."""
+    from imagelm.config import EvalConfig
+    from imagelm.eval import run_probes
+
+    f, y, split, ft, yt = _probe_data()
+    ecfg = EvalConfig(linear_iters=30, linear_wd=(1e-3, 0.0), attentive_epochs=2, attentive_lrs=(1e-3, 3e-2),
+                      attentive_heads=4, select_images=200)
+
+    def choices(test):
+        r = run_probes(f, y, split, 4, ("linear", "knn", "attentive"), ecfg, test, log=lambda *a: None)
+        return {p: {k: v for k, v in r[p].items() if k not in ("acc", "seconds")} for p in ("linear", "knn", "attentive")}
+
+    clean = choices((ft, yt))
+    assert clean == choices((ft, torch.randint(0, 4, yt.shape)))
+    assert clean == choices(None)
+    assert {"layer", "wd", "val_acc"} <= set(clean["linear"]) and {"lr", "val_acc"} <= set(clean["attentive"])
+
+
+def test_fast_attention_pool_equals_attention_pool():
+    probe = P.AttentiveProbe(24, 5, heads=4)
+    with torch.no_grad():
+        probe.pool.kv.bias.normal_()
+        probe.pool.query.normal_()
+    x = torch.randn(7, 9, 24)
+    assert torch.allclose(probe.pooled(x), probe.pool(x), atol=1e-5)
 
 
 @needs_fmnist
@@ -49,31 +135,15 @@ def test_linear_probe_fits_converge_on_correlated_real_features():
     assert objective(fits[wd], wd) < 1.01 * best
 
 
-def test_each_probe_picks_its_layer_on_held_out_train():
-    from imagelm.config import EvalConfig
-    from imagelm.eval import run_probes
-    from imagelm.eval.features import Features
-
-    (x, y), (xt, yt) = _blobs(600), _blobs(300, seed=1)
-    noise, noise_t = torch.randn(600, 8), torch.randn(300, 8)
-    f_train, f_test = Features({0: noise, 1: x}, None), Features({0: noise_t, 1: xt}, None)
-    res = run_probes(f_train, f_test, y, yt, 4, ("linear", "knn"), EvalConfig(val_size=100), log=lambda *a: None)
-    for probe in ("linear", "knn"):
-        assert res[probe]["layer"] == 1 and res[probe]["acc"] > 0.97
-        assert res[probe]["per_layer"]["0"] < 0.5          # the noise layer was probed, and lost
-    assert res["knn"]["k"] == 20 and res["features"]["layer"] == 1
-    only_knn = run_probes(f_train, f_test, y, yt, 4, ("knn",), EvalConfig(val_size=100), log=lambda *a: None)
-    assert "linear" not in only_knn and only_knn["knn"] == res["knn"]
-
-
 def test_attentive_probe_finds_the_informative_token():
     g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (900,), generator=g)
-    tokens = torch.randn(900, 6, 12, generator=g)
-    tokens[torch.arange(900), 2, y] += 4.0       # only token 2 carries the label
-    acc = P.attentive_probe(tokens[:600], y[:600], tokens[600:], y[600:], 3, epochs=15, lr=1e-2, heads=4,
-                              batch_size=64)["acc"]
-    assert acc > 0.9
+    y = torch.randint(0, 3, (700,), generator=g)
+    tokens = torch.randn(700, 6, 12, generator=g)
+    tokens[torch.arange(700), 2, y] += 4.0       # only token 2 carries the label
+    split = P.split_train(y[:500], 100)
+    r = P.attentive_probe(tokens[:500], y[:500], split, 3, (tokens[500:], y[500:]), epochs=10, lrs=(1e-2,), heads=4,
+                          batch_size=64)
+    assert r["acc"] > 0.9 and r["val_acc"] > 0.9 and r["lr"] == 1e-2
 
 
 def test_parse_layers():
@@ -102,27 +172,32 @@ def test_features_are_per_layer_means_and_token_bands(tiny, monkeypatch):
     assert raw.pooled[0].shape == (256, 64) and raw.tokens.shape == (256, 16, 4 + 16)
 
 
-def test_eval_cli_json_with_baselines(tmp_path, capsys):
+def test_eval_cli_json_with_baselines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGELM_CACHE", str(tmp_path / "cache"))
     Trainer(tiny_cfg("train.steps=2"), tmp_path, progress=False).fit()
     capsys.readouterr()
-    assert main(["eval", str(tmp_path), "--baselines", "--json"]) == 0
+    assert main(["eval", str(tmp_path), "--baselines", "--json", "eval.attentive_lrs=[0.01]"]) == 0
     res = json.loads(capsys.readouterr().out)
     for entry in (res, res["random_init"], res["raw_pixels"]):
         assert {"linear", "attentive", "knn"} <= set(entry)
-        assert all(0 <= entry[p]["acc"] <= 1 for p in ("linear", "attentive", "knn"))
-    for probe in ("linear", "knn"):   # each probe sweeps the layers and picks its own on held-out train
+        assert all(0 <= entry[p]["acc"] <= 1 and 0 <= entry[p]["val_acc"] <= 1 for p in ("linear", "attentive", "knn"))
+    for probe in ("linear", "knn"):   # each probe sweeps the layers and picks its own on val
         assert set(res[probe]["per_layer"]) == {"0", "1", "2"} and res[probe]["layer"] in (0, 1, 2)
-        assert res[probe]["acc"] == res[probe]["per_layer"][str(res[probe]["layer"])]
+        assert res[probe]["val_acc"] == max(res[probe]["per_layer"].values())
     assert (tmp_path / "eval" / "probes.json").exists()
     assert (tmp_path / "plots" / "loss.png").exists() and (tmp_path / "plots" / "probe_layers.png").exists()
     assert main(["compare", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert tmp_path.name in out and "raw_pixels" in out and "random_init" in out
-    assert main(["eval", str(tmp_path), "--probe", "knn", "--layers", "1", "--baselines"]) == 0
+    knn_only = ["eval", str(tmp_path), "--probe", "knn", "--layers", "1", "--baselines", "eval.attentive_lrs=[0.01]"]
+    assert main(knn_only) == 0
     assert "knn" in capsys.readouterr().out
     kept = json.loads((tmp_path / "eval" / "probes.json").read_text())   # merged into the earlier results
     assert kept["knn"]["layer"] == 1 and kept["linear"] == res["linear"]
     assert kept["raw_pixels"]["linear"] == res["raw_pixels"]["linear"] and "attentive" in kept["random_init"]
+    assert len(list((tmp_path / "cache" / "eval").glob("*.json"))) == 4   # baselines of both evaluations
+    assert main(knn_only) == 0 and capsys.readouterr().out.count("cached") == 2   # now read from the cache
+    assert json.loads((tmp_path / "eval" / "probes.json").read_text())["raw_pixels"] == kept["raw_pixels"]
     from imagelm.viz import plot_layers   # results merged from older evaluations lack some sweeps
     del kept["random_init"]["knn"]["per_layer"]
     assert plot_layers(tmp_path, kept).exists()
@@ -140,3 +215,48 @@ def test_finetune_learns_and_eval_takes_only_eval_overrides(tmp_path):
     import pytest
     with pytest.raises(ConfigError, match="only eval"):
         evaluate(tmp_path / "run", overrides=["model.dim=8"])
+
+
+def test_split_val_never_needs_a_test_split(tmp_path, capsys):
+    """A folder dataset with only train/: `--split val` probes and fine-tunes on fit/val alone."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(("dark", "light")):
+        (tmp_path / "data" / "train" / name).mkdir(parents=True)
+        for i in range(30):
+            px = (torch.rand(8, 8, generator=g) * 100 + 120 * c).to(torch.uint8).numpy()
+            Image.fromarray(px, mode="L").save(tmp_path / "data" / "train" / name / f"{i}.png")
+    Trainer(tiny_cfg("train.steps=2", "data.dataset=folder", f"data.root={tmp_path / 'data'}"), tmp_path / "run",
+            progress=False).fit()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--split", "val", "--finetune", "eval.finetune_epochs=1", "eval.finetune_batch=16",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for p in ("linear", "attentive", "knn", "finetune"):
+        assert 0 <= res[p]["val_acc"] <= 1 and "acc" not in res[p]
+    assert res["linear"]["val_acc"] > 0.9 and res["split"] == "val"
+    assert (tmp_path / "run" / "eval" / "probes-val.json").exists()
+    assert not (tmp_path / "run" / "eval" / "probes.json").exists()
+    assert main(["compare", str(tmp_path / "run"), "--split", "val"]) == 0
+    assert "val " in capsys.readouterr().out
+
+
+def test_compare_markdown_groups_seeds(tmp_path, capsys):
+    import yaml
+
+    from imagelm import config
+
+    for name, seed, lin in (("aim-x", 0, 0.80), ("aim-x-s1", 1, 0.82), ("mae-x", 0, 0.85)):
+        cfg = tiny_cfg(f"train.seed={seed}") if name.startswith("aim") else tiny_cfg("method=mae")
+        (tmp_path / name / "eval").mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        res = {"linear": {"acc": lin, "val_acc": lin, "layer": 2}, "knn": {"acc": lin - 0.1, "val_acc": 0.7}}
+        if name == "aim-x":
+            res["raw_pixels"] = {"linear": {"acc": 0.84, "val_acc": 0.85}}
+        (tmp_path / name / "eval" / "probes.json").write_text(json.dumps(res))
+    assert main(["compare", *(str(tmp_path / n) for n in ("aim-x", "aim-x-s1", "mae-x")), "--markdown"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| encoder | seeds | linear (%) | knn (%) |"
+    assert out[2] == "| aim-x | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 |"
+    assert out[3] == "| mae-x | 1 | 85.00 | 75.00 |" and out[4] == "| raw_pixels | 1 | 84.00 | - |"

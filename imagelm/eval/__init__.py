@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -13,7 +16,8 @@ from imagelm.data import sources
 from imagelm.eval import features as feats
 from imagelm.eval import probe as P
 from imagelm.config import ConfigError, apply_overrides, from_dict, to_plain
-from imagelm.methods import build_method
+from imagelm.methods import (EmbedsImageText, ExposesLatent, FusesImageText, ReadsText, SeparateImageTextPaths,
+                             build_method, require)
 from imagelm.train import load_run_config
 
 PROBES = ("linear", "attentive", "knn")
@@ -35,46 +39,55 @@ def parse_layers(spec: str, depth: int) -> list[int]:
     return layers
 
 
-def layer_sweep(name: str, probe, f_train: feats.Features, f_test: feats.Features, log=print) -> dict:
-    """A pooled-feature probe at every extracted layer. The layer reported is the one that does
-    best on held-out training images (never chosen on test); every layer's test figure is kept."""
-    sweep = {}
-    for layer in f_train.pooled:
+def run_probes(f_train: feats.Features, y_train: torch.Tensor, split: P.Split, classes: int, probes, ecfg,
+               test: tuple[feats.Features, torch.Tensor] | None = None, token_layers=None, device="cpu",
+               log=print) -> dict:
+    """Every probe makes its choices on the split's fit/val images (test is not passed to them
+    until then), then refits on fit + val and scores `test` once; with no test, val figures only."""
+    y = y_train.to(device)
+    f_test, y_test = test if test else (None, None)
+    res, seconds = {}, {}
+    for name in ("linear", "knn"):
+        if name not in probes:
+            continue
         t0 = time.time()
-        sweep[layer] = probe(f_train.pooled[layer], f_test.pooled[layer])
-        log(f"  {name} layer {layer}: {sweep[layer]['acc']:.4f} ({time.time() - t0:.0f}s)")
-    best = max(sweep, key=lambda l: sweep[l]["val_acc"])
-    return {**sweep[best], "layer": best, "per_layer": {str(l): r["acc"] for l, r in sweep.items()}}
-
-
-def run_probes(f_train: feats.Features, f_test: feats.Features, y_train, y_test, classes: int, probes, ecfg,
-               token_layers=None, log=print) -> dict:
-    def linear(train_x, test_x):
-        return P.linear_probe(train_x, y_train, test_x, y_test, classes, ecfg.linear_wd, ecfg.val_size,
-                              ecfg.linear_iters)
-
-    def knn(train_x, test_x):
-        return P.knn_probe(train_x, y_train, test_x, y_test, classes, ecfg.knn_k, ecfg.knn_t, ecfg.val_size)
-
-    res = {name: layer_sweep(name, probe, f_train, f_test, log)
-           for name, probe in (("linear", linear), ("knn", knn)) if name in probes}
+        tst = (f_test.pooled, y_test) if test else None
+        if name == "linear":
+            res[name] = P.linear_probe(f_train.pooled, y, split, classes, tst, ecfg.linear_wd, ecfg.linear_iters,
+                                       ecfg.select_images, log)
+        else:
+            res[name] = P.knn_probe(f_train.pooled, y, split, classes, tst, ecfg.knn_k, ecfg.knn_t, log)
+        seconds[name] = time.time() - t0
+        log(f"  {name}: layer {res[name]['layer']}, {_figures(res[name])} ({seconds[name]:.0f}s)")
     if res:
         best = (res.get("linear") or res["knn"])["layer"]
-        res["features"] = {"layer": best, "dim": f_test.pooled[best].shape[1],
-                           "effective_rank": P.effective_rank(f_test.pooled[best][:5000])}
+        val_x = f_train.pooled[best][split.val[:5000]]
+        res["features"] = {"layer": best, "dim": val_x.shape[1], "effective_rank": P.effective_rank(val_x)}
     if "attentive" in probes and f_train.tokens is not None:
         t0 = time.time()
-        res["attentive"] = {**P.attentive_probe(f_train.tokens, y_train, f_test.tokens, y_test, classes,
-                                                ecfg.attentive_epochs, ecfg.attentive_lr, ecfg.attentive_heads),
+        tokens = f_train.tokens.to(device)
+        tst = (f_test.tokens.to(device), y_test) if test else None
+        res["attentive"] = {**P.attentive_probe(tokens, y, split, classes, tst, ecfg.attentive_epochs,
+                                                ecfg.attentive_lrs, ecfg.attentive_heads,
+                                                select_images=ecfg.select_images, log=log),
                             "layers": token_layers}
-        log(f"  attentive {token_layers}: {res['attentive']['acc']:.4f} ({time.time() - t0:.0f}s)")
+        seconds["attentive"] = time.time() - t0
+        log(f"  attentive {token_layers}: lr {res['attentive']['lr']:g}, {_figures(res['attentive'])} "
+            f"({seconds['attentive']:.0f}s)")
+    for name, s in seconds.items():
+        res[name]["seconds"] = round(s, 1)
     return res
+
+
+def _figures(r: dict) -> str:
+    return ", ".join(f"{name} {r[k]:.4f}" for name, k in (("val", "val_acc"), ("test", "acc")) if k in r)
 
 
 def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = False, finetune: bool = False,
              overrides: list[str] = (), zero_shot: bool = False, retrieval: bool = False, itm: bool = False,
-             log=print) -> dict:
-    """Probe (and optionally fine-tune) a run's latest checkpoint; `overrides` may change eval.* keys."""
+             split: str = "test", log=print) -> dict:
+    """Probe (and optionally fine-tune) a run's latest checkpoint; `overrides` may change eval.* keys.
+    split="val": the figures on the held-out train images only; the test split is never read."""
     run = Path(run)
     cfg = load_run_config(run)
     bad = [o for o in overrides if not o.startswith("eval.")]
@@ -82,6 +95,10 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         raise ConfigError(f"eval takes only eval.* overrides (the run's model and data are fixed): {', '.join(bad)}")
     if overrides:
         cfg = from_dict(apply_overrides(cfg.to_dict(), list(overrides)))
+    if split not in ("test", "val"):
+        raise ConfigError(f"bad split {split!r}: 'test' (choices on val, then test once) or 'val' (val only)")
+    if split == "val" and (zero_shot or retrieval or itm):
+        raise ConfigError("--zero-shot, --retrieval and --itm are scored on test only: run them without --split val")
     ckpt = checkpoint.latest(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint to evaluate")
@@ -89,34 +106,56 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
     if cfg.eval.dataset:
         probe_data = dataclasses.replace(cfg.data, dataset=cfg.eval.dataset, root="", resize=True)
     train = sources.load(probe_data, cfg.model, "train")
-    test = sources.load(probe_data, cfg.model, "test", train)
+    test = sources.load(probe_data, cfg.model, "test", train) if split == "test" else None
     ref = train    # the training data: its statistics standardise the probe images
     if cfg.eval.dataset:   # the encoder sees inputs standardised as in training
         ref = sources.load(cfg.data, cfg.model, "train")
         for d in (train, test):
-            d.mean, d.std = ref.mean, ref.std
+            if d is not None:
+                d.mean, d.std = ref.mean, ref.std
     classes = len(train.classes)
-    fit = len(train) - cfg.eval.val_size      # the probes fit on these and choose on the val_size held out
-    if fit < 1 and ("linear" in probes or "knn" in probes):
-        raise ConfigError(f"eval.val_size={cfg.eval.val_size} holds out all {len(train)} training images, leaving "
-                          f"none to fit the probes on: pass eval.val_size={max(1, len(train) // 5)}")
-    if "knn" in probes and cfg.eval.knn_k > fit:
-        log(f"warning: eval.knn_k={cfg.eval.knn_k} is more than the {fit} images the k-NN votes with; using k={fit}")
-        cfg.eval = dataclasses.replace(cfg.eval, knn_k=fit)
     if train.labels is not None and (train.labels < 0).any() and (probes or finetune):
         raise ConfigError(f"{cfg.data.dataset} has no class labels to probe with: pass eval.dataset=fashion-mnist "
                           f"(or another labelled dataset)")
     _, _, device = dist.init()
     bf16 = dist.bf16_supported(device)
+    sets = [train] + ([test] if test is not None else [])
+    in_memory = all(isinstance(d, sources.ImageData) for d in sets)
+    parts = None
 
-    def encoder_features(method):
+    def split_of(labels: torch.Tensor) -> P.Split:
+        """The one fit/val split, made once: from the labels listed with the images, or (shards)
+        those read with them in the first pass."""
+        nonlocal parts
+        if parts is None:
+            parts = P.split_train(labels, cfg.eval.val_size, cfg.eval.seed)
+            if "knn" in probes and cfg.eval.knn_k > len(parts.fit):
+                log(f"warning: eval.knn_k={cfg.eval.knn_k} is more than the {len(parts.fit)} images the k-NN votes "
+                    f"with; using k={len(parts.fit)}")
+                cfg.eval = dataclasses.replace(cfg.eval, knn_k=len(parts.fit))
+        return parts
+
+    def probe_all(f, tok, log):
+        y_train = f[0].labels if f[0].labels is not None else train.labels
+        y_test = (f[1].labels if f[1].labels is not None else test.labels) if test is not None else None
+        tst = (f[1], y_test) if test is not None else None
+        return run_probes(f[0], y_train, split_of(y_train), classes, probes, cfg.eval, tst, tok, device, log)
+
+    def cached_unless_streamed(key_of, compute):
+        return cached(key_of(), log, compute) if in_memory else compute()
+
+    def encoder_probes(method, log):
         depth = method.encoder.num_layers
         lin = parse_layers(layers, depth) if ("linear" in probes or "knn" in probes) else []
         tok = parse_layers(cfg.eval.attentive_layers, depth) if "attentive" in probes else []
         t0 = time.time()
-        out = [feats.extract(method.encoder, d, lin, tok, cfg.eval.batch_size, bf16, device) for d in (train, test)]
-        log(f"  features: {len(train) + len(test)} images in {time.time() - t0:.0f}s")
-        return out, tok
+        f = [feats.extract(method.encoder, d, lin, tok, cfg.eval.batch_size, bf16, device) for d in sets]
+        seconds = time.time() - t0
+        log(f"  features: {sum(map(len, sets))} images in {seconds:.0f}s")
+        r = probe_all(f, tok, log)
+        if "features" in r:
+            r["features"]["seconds"] = round(seconds, 1)
+        return r
 
     results = {}
     if zero_shot or retrieval or itm:
@@ -131,37 +170,45 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         weights = checkpoint.load_weights(ckpt, like=method.state_dict())
         if load:
             method.load_state_dict(weights)
+            method.to(device)
+            results.update(encoder_probes(method, log))
         else:   # untrained, but with the run's fitted preprocessing (e.g. iGPT's palette): buffers only
             buffers = dict(method.named_buffers())
             method.load_state_dict({k: v for k, v in weights.items() if k in buffers}, strict=False)
-        method.to(device)
-        (f_train, f_test), tok = encoder_features(method)
-        if f_train.labels is not None and len(f_train.labels):    # streamed data: the labels read with the images
-            classes = max(classes, int(f_train.labels.max()) + 1)
-        r = run_probes(f_train, f_test, f_train.labels, f_test.labels, classes, probes, cfg.eval, tok, log)
-        if name == "pretrained":
-            results.update(r)
-            if hasattr(method, "latents"):     # a method's own latent (LCL's z): is it collapsed?
-                results["latent"] = latent_stats(method, sources.in_memory(test), bf16)
-            if finetune:
-                from imagelm.eval.finetune import finetune as run_finetune
-                t0 = time.time()
-                results["finetune"] = run_finetune(method, sources.in_memory(train, cfg.eval.finetune_images or 50000),
-                                                   sources.in_memory(test, 50000), probe_data, cfg.eval, device, bf16,
-                                                   log)
-                log(f"  finetune ({results['finetune']['images']} images): {results['finetune']['acc']:.4f} "
-                    f"({time.time() - t0:.0f}s)")
-        else:
-            results[name] = r
+            method.to(device)
+            results[name] = cached_unless_streamed(
+                lambda: cache_key(cfg.eval, probes, f"{layers} on {device}", sets, method.state_dict()),
+                lambda: encoder_probes(method, log))
+        if load and isinstance(method, ExposesLatent):     # a method's own latent (LCL's z): is it collapsed?
+            results["latent"] = latent_stats(method, sources.in_memory(test if test is not None else train), bf16)
+        if load and finetune:
+            from imagelm.eval.finetune import finetune as run_finetune
+            t0 = time.time()
+            ft_train, ft_test = (sources.in_memory(train, cfg.eval.finetune_images or 50000),
+                                 sources.in_memory(test, 50000) if test is not None else None)
+            if test is None and not in_memory:
+                raise ConfigError("--finetune --split val needs labelled data in memory (Fashion-MNIST or "
+                                  "another small set); stream it with the test split instead")
+            if test is None:     # fine-tune on fit, score val
+                ft_train, ft_test = (dataclasses.replace(train, images=train.images[i], labels=train.labels[i])
+                                     for i in (parts.fit, parts.val))
+            r = run_finetune(method, ft_train, ft_test, probe_data, cfg.eval, device, bf16, log)
+            if test is None:
+                r["val_acc"] = r.pop("acc")
+            results["finetune"] = r
+            log(f"  finetune ({r['images']} images): {_figures(r)} "
+                f"({time.time() - t0:.0f}s)")
     if baselines:
         log("raw_pixels:")
-        f_train, f_test = (feats.raw_pixels(sources.in_memory(d), cfg.model.patch_size) for d in (train, test))
-        results["raw_pixels"] = run_probes(f_train, f_test, f_train.labels, f_test.labels, classes, probes, cfg.eval,
-                                           ["pixels"], log)
+        results["raw_pixels"] = cached_unless_streamed(
+            lambda: cache_key(cfg.eval, probes, "pixels", sets, {"patch_size": torch.tensor(cfg.model.patch_size)}),
+            lambda: probe_all([feats.raw_pixels(sources.in_memory(d), cfg.model.patch_size) for d in sets],
+                              ["pixels"], log))
     results["checkpoint"] = str(ckpt.resolve())
     results["eval_config"] = to_plain(cfg.eval)
+    results["split"] = split
     (run / "eval").mkdir(exist_ok=True)
-    path = run / "eval" / "probes.json"
+    path = run / "eval" / ("probes.json" if split == "test" else "probes-val.json")
     if path.exists():    # kept: other evaluations of the same checkpoint with the same settings
         old = json.loads(path.read_text())
         if old.get("checkpoint") == results["checkpoint"] and old.get("eval_config") == results["eval_config"]:
@@ -172,6 +219,38 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
     from imagelm import viz
     viz.plot_run(run, results)
     return results
+
+
+# bump when a change to the probes changes their figures: cached baselines are then recomputed
+PROBE_VERSION = 2
+
+
+def cache_key(ecfg, probes, layers, sets: list[sources.ImageData], tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of everything a baseline's figures depend on: the images and labels of each split,
+    their standardisation, the probe settings, and the weights (or the preprocessing) probed."""
+    h = hashlib.sha256(json.dumps([PROBE_VERSION, to_plain(ecfg), sorted(probes), layers]).encode())
+    for d in sets:
+        h.update(json.dumps([d.mean, d.std, list(d.images.shape)]).encode())
+        h.update(d.images.contiguous().numpy().tobytes())
+        h.update(d.labels.numpy().tobytes())
+    for k, t in sorted(tensors.items()):
+        h.update(k.encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cached(key: str, log, compute) -> dict:
+    """compute(), or its result saved under $IMAGELM_CACHE (~/.cache/imagelm) by an earlier run with `key`."""
+    path = Path(os.environ.get("IMAGELM_CACHE", "~/.cache/imagelm")).expanduser() / "eval" / f"{key}.json"
+    if path.exists():
+        log(f"  cached: {path}")
+        return json.loads(path.read_text())
+    r = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(r))
+    tmp.replace(path)
+    return r
 
 
 def latent_stats(method, test: sources.ImageData, bf16: bool, n: int = 5000) -> dict:
@@ -198,20 +277,14 @@ def image_text_eval(run: Path, cfg, pairs: sources.ImageData, test: sources.Imag
     def load():
         m = build_method(cfg)
         checkpoint.load_into(m, checkpoint.latest(run / "checkpoints"))
-        if not hasattr(m, "load_tokenizer"):
-            raise ConfigError(f"method '{cfg.method}' has no text encoder: --zero-shot/--retrieval/--itm need an "
-                              f"image-text run such as clip or beit3")
-        m.load_tokenizer(run, log=log)
+        require(m, ReadsText, "--zero-shot/--retrieval/--itm").load_tokenizer(run, log=log)
         return m.to(device).eval()
 
     res, root, n = {}, cfg.data.root or None, cfg.data.corpus_size or None
     if zero_shot or retrieval:
         model = load()
-        if not hasattr(model, "encode_text"):
-            if not hasattr(model, "text_features"):
-                raise ConfigError(f"method '{cfg.method}' has no text encoder in the image space: --zero-shot/"
-                                  f"--retrieval need a contrastive image-text run such as clip, or image and text "
-                                  f"paths to fine-tune (beit3)")
+        if not isinstance(model, EmbedsImageText):
+            require(model, SeparateImageTextPaths, "--zero-shot/--retrieval without a joint image-text space")
             t0 = time.time()
             if pairs.texts is None:
                 raise ConfigError(f"{cfg.data.dataset} has no captions for the contrastive fine-tune")
@@ -232,9 +305,7 @@ def image_text_eval(run: Path, cfg, pairs: sources.ImageData, test: sources.Imag
                 f"{r['i2t_r10']:.3f}, text->image {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f}")
     if itm:
         model = load()
-        if not hasattr(model, "pair_features"):
-            raise ConfigError(f"method '{cfg.method}' has no fusion encoder (pair_features): --itm needs a run "
-                              f"such as beit3")
+        require(model, FusesImageText, "--itm")
         t0 = time.time()
         classes = list(sources.FASHION_MNIST_CLASSES)
         train_p = vl.scene_pairs("train", cfg.model.img_size, root, n, classes)
@@ -256,22 +327,59 @@ def table(results: dict, name: str = "pretrained") -> str:
     return out
 
 
-def compare(runs: list[Path]) -> str:
-    """One table over several runs' eval/probes.json (e.g. aim-tiny, mae-tiny, beit-tiny), with the
-    baselines of the first run that has them."""
+def load_results(run: Path, split: str = "test") -> dict:
+    path = run / "eval" / ("probes.json" if split == "test" else "probes-val.json")
+    if not path.exists():
+        flag = "" if split == "test" else " --split val"
+        raise FileNotFoundError(f"{run} has no {path.relative_to(run)}: run `imagelm eval {run}{flag}` first")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}): run `imagelm eval {run}` again") from None
+
+
+def compare(runs: list[Path], split: str = "test", markdown: bool = False) -> str:
+    """One table over several runs' evaluations (e.g. aim-tiny, mae-tiny, beit-tiny), with the
+    baselines of the first run that has them. markdown: runs whose configs differ only in
+    train.seed are one row, each figure the mean +- std over those seeds."""
     rows, base = [], []
     for run in map(Path, runs):
-        path = run / "eval" / "probes.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{run} has no eval/probes.json: run `imagelm eval {run}` first")
-        try:
-            r = json.loads(path.read_text())
-        except ValueError as e:
-            raise ConfigError(f"{path} is not readable JSON ({e}): run `imagelm eval {run}` again") from None
-        rows.append((run.name, r))
+        r = load_results(run, split)
+        rows.append((run, r))
         if not base:
             base = [(k, r[k]) for k in ("random_init", "raw_pixels") if k in r]
-    return rows_table(rows + base)
+    if not markdown:
+        return rows_table([(run.name, r) for run, r in rows] + base)
+    groups: dict[str, list] = {}
+    for run, r in rows:
+        d = load_run_config(run).to_dict()
+        d["train"].pop("seed")
+        d.pop("eval")
+        groups.setdefault(json.dumps(d, sort_keys=True), []).append((run, r))
+    named = [(re.sub(r"[-_]s(eed)?\d+$", "", g[0][0].name), [r for _, r in g]) for g in groups.values()]
+    return markdown_table(named + [(k, [r]) for k, r in base], "acc" if split == "test" else "val_acc")
+
+
+def _cell(results: list[dict], section: str, key: str) -> str:
+    xs = [100 * r[section][key] for r in results if key in r.get(section, {})]
+    if not xs:
+        return "-"
+    mean = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{mean:.2f}"
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown_table(groups: list[tuple[str, list[dict]]], key: str = "acc") -> str:
+    """| encoder | seeds | linear | attentive | k-NN | ...: accuracy in %, mean ± std (sample) over seeds."""
+    cols = [(p, p, key) for p in (*PROBES, "finetune") if any(p in r for _, g in groups for r in g)]
+    cols += [c for c in IMAGE_TEXT_COLUMNS if key == "acc" and any(c[1] in r for _, g in groups for r in g)]
+    lines = ["| encoder | seeds | " + " | ".join(f"{t} (%)" for t, _, _ in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for name, g in groups:
+        lines.append(f"| {name} | {len(g)} | " + " | ".join(_cell(g, s, k) for _, s, k in cols) + " |")
+    return "\n".join(lines)
 
 
 # image-text columns, shown when some run has them: (title, section, key)
@@ -280,6 +388,7 @@ IMAGE_TEXT_COLUMNS = [("zero-shot", "zero_shot", "acc"), ("i2t R@1", "retrieval"
 
 
 def rows_table(rows: list[tuple[str, dict]]) -> str:
+    """Test accuracy of each probe (val accuracy, marked, for a --split val evaluation)."""
     cols = [p for p in (*PROBES, "finetune") if any(p in r for _, r in rows)]
     extra = [c for c in IMAGE_TEXT_COLUMNS if any(c[1] in r for _, r in rows)]
     width = max(12, *(len(n) + 2 for n, _ in rows))
@@ -289,7 +398,8 @@ def rows_table(rows: list[tuple[str, dict]]) -> str:
         for c in cols:
             e = r.get(c)
             where = f" (layer {e['layer']})" if e and "layer" in e and name != "raw_pixels" else ""
-            cells.append(("-" if not e else f"{100 * e['acc']:.2f}%") + where)
+            figure = "-" if not e else f"{100 * e['acc']:.2f}%" if "acc" in e else f"val {100 * e['val_acc']:.2f}%"
+            cells.append(figure + where)
         cells = [f"{c:>22}" for c in cells] + [f"{100 * r[sec][key]:.2f}%".rjust(11) if sec in r else f"{'-':>11}"
                                                 for _, sec, key in extra]
         lines.append(f"{name:<{width}}" + "".join(cells))

@@ -1,15 +1,48 @@
-"""Probes on frozen features: linear (logistic regression, L2 chosen on held-out train images),
-attentive (AIM: BatchNorm without affine -> one learned query -> linear), and k-NN (cosine,
-distance-weighted vote)."""
+"""Probes on frozen features, under one protocol: the train images are split once into `fit` and
+`val` (shuffled, stratified by class, seeded); every choice a probe makes (layer, L2 strength,
+learning rate) is made by fitting on `fit` and scoring `val`; then the chosen setting is refitted
+on fit + val and scored once on test. A probe given no test set stops after its choices.
+
+Linear: logistic regression on pooled tokens (L-BFGS along an L2 path). Attentive: AIM's probe
+(BatchNorm without affine -> one learned query -> linear). k-NN: cosine, distance-weighted votes."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from imagelm.nn.heads import AttentionPool
+
+
+@dataclass
+class Split:
+    fit: torch.Tensor      # (n_fit,) indices into the train set, shuffled
+    val: torch.Tensor      # (n_val,) indices, stratified by class
+
+    @property
+    def train(self) -> torch.Tensor:
+        """fit + val: what the chosen setting is refitted on."""
+        return torch.cat([self.fit, self.val])
+
+
+def split_train(labels: torch.Tensor, val_size: int, seed: int = 0) -> Split:
+    """Hold out min(val_size, 20% of the images) for choices, stratified: the images are shuffled,
+    stably sorted by class, and every (n / n_val)-th one is taken, so each class gives its share
+    (to within one image) whatever order the data came in (an image folder is sorted by class)."""
+    n = len(labels)
+    if n < 2:
+        raise ValueError(f"{n} labelled train image(s): a probe needs at least 2 (one to fit, one to validate)")
+    n_val = max(1, min(val_size, n // 5))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    order = order[torch.sort(labels[order], stable=True).indices]           # shuffled within each class
+    take = torch.zeros(n, dtype=torch.bool)
+    take[(torch.arange(n_val) * n) // n_val] = True
+    val, fit = order[take], order[~take]
+    return Split(fit[torch.randperm(len(fit), generator=g)], val[torch.randperm(n_val, generator=g)])
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -25,7 +58,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, classes: int, wd: float, iters:
                init: nn.Linear | None = None) -> nn.Linear:
     """Multinomial logistic regression, full batch, L-BFGS; loss = CE + wd/2 |W|^2. Starts from
     zeros, or from `init` (a warm start along a regularisation path)."""
-    clf = nn.Linear(x.shape[1], classes)
+    clf = nn.Linear(x.shape[1], classes).to(x.device)
     if init is None:
         nn.init.zeros_(clf.weight)
         nn.init.zeros_(clf.bias)
@@ -54,24 +87,54 @@ def logreg_path(x: torch.Tensor, y: torch.Tensor, classes: int, wds, iters: int 
     return fits
 
 
-def linear_probe(train_x, train_y, test_x, test_y, classes: int, wds=(1e-2, 1e-3, 1e-4, 1e-5, 0.0),
-                 val_size: int = 5000, iters: int = 300) -> dict:
-    """Choose the L2 strength on the last `val_size` training images, refit on all of train
-    (warm-started from the chosen fit), report test accuracy. Features are standardised with
-    train statistics."""
-    train_x, test_x = standardize(train_x.float(), test_x.float())
-    fit_x, fit_y, val_x, val_y = train_x[:-val_size], train_y[:-val_size], train_x[-val_size:], train_y[-val_size:]
-    fits = logreg_path(fit_x, fit_y, classes, wds, iters)
+def _val_path(x, y, split: Split, classes: int, wds, iters: int, fit_idx=None):
+    """The L2 path fitted on `fit` (or the subset `fit_idx` of it), scored on val: ({wd: acc}, fits)."""
+    fit_idx = split.fit if fit_idx is None else fit_idx
+    fits = logreg_path(x[fit_idx], y[fit_idx], classes, wds, iters)
     with torch.no_grad():
-        val = {wd: accuracy(clf(val_x), val_y) for wd, clf in fits.items()}
+        return {wd: accuracy(clf(x[split.val]), y[split.val]) for wd, clf in fits.items()}, fits
+
+
+def linear_probe(train: dict[int, torch.Tensor], y: torch.Tensor, split: Split, classes: int,
+                 test: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None, wds=(1e-2, 1e-3, 1e-4, 1e-5, 0.0),
+                 iters: int = 300, select_images: int = 10000, log=print) -> dict:
+    """Linear probe over the pooled features of several layers (layer -> (N, D)). The layer is
+    chosen by the val accuracy of the L2 path fitted on `select_images` of the fit images with a
+    third of the iterations (0 = all images, all iterations: ranking layers needs neither), the L2
+    strength by the full path on all of fit at that layer; then one refit on fit + val,
+    warm-started from the chosen fit, scores test. Features are standardised with train statistics."""
+    device = y.device
+    sub = split.fit[:select_images] if 0 < select_images < len(split.fit) else split.fit
+    rank_iters = iters if len(sub) == len(split.fit) else max(1, iters // 3)   # ranks as 300 would (aim-tiny)
+    per_layer, paths = {}, {}
+    for layer, x in train.items():
+        x = standardize(x.float().to(device))[0]
+        val, fits = _val_path(x, y, split, classes, wds, rank_iters, sub)
+        per_layer[layer] = max(val.values())
+        if len(sub) == len(split.fit):
+            paths[layer] = val, fits
+        if len(train) > 1:
+            log(f"    linear layer {layer}: val {per_layer[layer]:.4f}")
+    layer = max(per_layer, key=per_layer.get)
+    x, *tx = standardize(train[layer].float().to(device), *([test[0][layer].float().to(device)] if test else []))
+    val, fits = paths[layer] if layer in paths else _val_path(x, y, split, classes, wds, iters)
     wd = max(val, key=val.get)
-    clf = fit_logreg(train_x, train_y, classes, wd, iters, init=fits[wd])
-    with torch.no_grad():
-        acc = accuracy(clf(test_x), test_y)
-    return {"acc": acc, "val_acc": val[wd], "wd": wd}
+    res = {"layer": layer, "wd": wd, "val_acc": val[wd], "per_layer": {str(l): a for l, a in per_layer.items()},
+           "per_layer_images": len(sub)}
+    if test:
+        idx = split.train
+        clf = fit_logreg(x[idx], y[idx], classes, wd, iters, init=fits[wd])
+        with torch.no_grad():
+            res["acc"] = accuracy(clf(tx[0]), test[1].to(device))
+    return res
 
 
 class AttentiveProbe(nn.Module):
+    """AIM's attentive probe. With one query, attention pooling is computed without projecting
+    every token: q.(W_k x + b_k) = (W_k^T q).x + const, and sum_i a_i (W_v x_i + b_v) =
+    W_v (sum_i a_i x_i) + b_v, so each token costs O(heads * D) instead of O(D^2). The function
+    and its parameters are those of AttentionPool (tested equal)."""
+
     def __init__(self, dim: int, classes: int, heads: int = 8):
         super().__init__()
         heads = math.gcd(heads, dim)
@@ -79,54 +142,100 @@ class AttentiveProbe(nn.Module):
         self.pool = AttentionPool(dim, heads)
         self.fc = nn.Linear(dim, classes)
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        h = self.pool.heads
+        d = D // h
+        w_k, w_v = self.pool.kv.weight.view(2, h, d, D).unbind(0)                    # (h, d, D) each
+        b_v = self.pool.kv.bias.view(2, h, d)[1] if self.pool.kv.bias is not None else 0
+        k = torch.einsum("hd,hdD->hD", self.pool.query.view(h, d), w_k) / math.sqrt(d)   # (h, D)
+        a = (x @ k.T).softmax(1)                                                    # (B, N, h)
+        x = a.transpose(1, 2) @ x                                                   # (B, h, D)
+        return (torch.einsum("bhD,hdD->bhd", x, w_v) + b_v).reshape(B, D)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """fp32 throughout: a few MFLOP per batch, where bf16 casts of the tokens would cost more."""
         B, N, D = tokens.shape
         x = self.norm(tokens.float().reshape(B * N, D)).view(B, N, D)
-        return self.fc(self.pool(x))
+        return self.fc(self.pooled(x))
 
 
-def attentive_probe(train_t, train_y, test_t, test_y, classes: int, epochs: int = 10, lr: float = 1e-3,
-                    heads: int = 8, batch_size: int = 256, wd: float = 0.05, seed: int = 0) -> dict:
-    """AdamW with a cosine schedule on frozen tokens (N, K, D); test accuracy after the last epoch."""
+def train_attentive(tokens, y, classes: int, epochs: int, lr: float, heads: int = 8, batch_size: int = 256,
+                    wd: float = 0.05, seed: int = 0) -> AttentiveProbe:
+    """AdamW with a one-cycle (warmup + cosine) schedule on frozen tokens (N, K, D)."""
     torch.manual_seed(seed)
-    probe = AttentiveProbe(train_t.shape[-1], classes, heads)
+    probe = AttentiveProbe(tokens.shape[-1], classes, heads).to(tokens.device)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd)
-    steps = epochs * math.ceil(len(train_t) / batch_size)
+    steps = epochs * math.ceil(len(tokens) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         probe.train()
-        for idx in torch.randperm(len(train_t), generator=g).split(batch_size):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(probe(train_t[idx]), train_y[idx])
+        for idx in torch.randperm(len(tokens), generator=g).split(batch_size):
+            idx = idx.to(tokens.device)
+            loss = F.cross_entropy(probe(tokens[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-    probe.eval()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = torch.cat([probe(t) for t in test_t.split(1024)])
-    return {"acc": accuracy(logits.float(), test_y)}
+    return probe.eval()
+
+
+@torch.inference_mode()
+def predict(probe: AttentiveProbe, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.cat([probe(t) for t in tokens.split(1024)])
+
+
+def attentive_probe(tokens: torch.Tensor, y: torch.Tensor, split: Split, classes: int,
+                    test: tuple[torch.Tensor, torch.Tensor] | None = None, epochs: int = 10, lrs=(1e-2,),
+                    heads: int = 8, batch_size: int = 256, select_images: int = 10000, log=print) -> dict:
+    """Train on `select_images` of the fit images (0 = all) with each learning rate, choose the one
+    best on val, retrain on fit + val with it and score test. Tokens are (N, K, D)."""
+    sub = split.fit[:select_images] if select_images > 0 else split.fit
+    val = {}
+    for lr in lrs:
+        probe = train_attentive(tokens[sub], y[sub], classes, epochs, lr, heads, batch_size)
+        val[lr] = accuracy(predict(probe, tokens[split.val]), y[split.val])
+        if len(lrs) > 1:
+            log(f"    attentive lr {lr:g}: val {val[lr]:.4f}")
+    lr = max(val, key=val.get)
+    res = {"lr": lr, "val_acc": val[lr], "per_lr": {f"{l:g}": a for l, a in val.items()}, "select_images": len(sub)}
+    if test:
+        probe = train_attentive(tokens[split.train], y[split.train], classes, epochs, lr, heads, batch_size)
+        res["acc"] = accuracy(predict(probe, test[0]), test[1].to(tokens.device))
+    return res
 
 
 @torch.inference_mode()
 def knn(train_x, train_y, test_x, test_y, classes: int, k: int = 20, t: float = 0.07) -> dict:
     """Cosine k-NN with exp(sim / t) weighted votes (as DINO's k-NN evaluation)."""
     train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
+    k = min(k, len(train_x))
     correct = 0
     for i in range(0, len(test_x), 1024):
         sim, idx = (test_x[i:i + 1024] @ train_x.T).topk(k, dim=1)
-        votes = torch.zeros(len(idx), classes).scatter_add_(1, train_y[idx], (sim / t).exp())
+        votes = torch.zeros(len(idx), classes, device=sim.device).scatter_add_(1, train_y[idx], (sim / t).exp())
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
     return {"acc": correct / len(test_x), "k": k}
 
 
-def knn_probe(train_x, train_y, test_x, test_y, classes: int, k: int = 20, t: float = 0.07,
-              val_size: int = 5000) -> dict:
-    """k-NN test accuracy, plus its accuracy on the last `val_size` training images voted by the
-    rest: the held-out figure a layer sweep chooses by, as the linear probe's."""
-    val = knn(train_x[:-val_size], train_y[:-val_size], train_x[-val_size:], train_y[-val_size:], classes, k, t)
-    return {**knn(train_x, train_y, test_x, test_y, classes, k, t), "val_acc": val["acc"]}
+def knn_probe(train: dict[int, torch.Tensor], y: torch.Tensor, split: Split, classes: int,
+              test: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None, k: int = 20, t: float = 0.07,
+              log=print) -> dict:
+    """k-NN over the pooled features of several layers: the layer whose val images are best voted
+    by the fit images is chosen; test images are then voted by fit + val."""
+    device = y.device
+    per_layer = {}
+    for layer, x in train.items():
+        x = x.to(device)
+        per_layer[layer] = knn(x[split.fit], y[split.fit], x[split.val], y[split.val], classes, k, t)["acc"]
+    layer = max(per_layer, key=per_layer.get)
+    res = {"layer": layer, "k": min(k, len(split.fit)), "val_acc": per_layer[layer],
+           "per_layer": {str(l): a for l, a in per_layer.items()}}
+    if test:
+        x, idx = train[layer].to(device), split.train
+        res["acc"] = knn(x[idx], y[idx], test[0][layer].to(device), test[1].to(device), classes, k, t)["acc"]
+    return res
 
 
 def effective_rank(x: torch.Tensor) -> float:
