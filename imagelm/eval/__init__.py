@@ -186,12 +186,10 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
             t0 = time.time()
             ft_train, ft_test = (sources.in_memory(train, cfg.eval.finetune_images or 50000),
                                  sources.in_memory(test, 50000) if test is not None else None)
-            if test is None and not in_memory:
-                raise ConfigError("--finetune --split val needs labelled data in memory (Fashion-MNIST or "
-                                  "another small set); stream it with the test split instead")
-            if test is None:     # fine-tune on fit, score val
-                ft_train, ft_test = (dataclasses.replace(train, images=train.images[i], labels=train.labels[i])
-                                     for i in (parts.fit, parts.val))
+            if test is None:     # fine-tune on fit, score val (the split of what is in memory: all of a small set)
+                ft = P.split_train(ft_train.labels, cfg.eval.val_size, cfg.eval.seed)
+                ft_train, ft_test = (dataclasses.replace(ft_train, images=ft_train.images[i], labels=ft_train.labels[i])
+                                     for i in (ft.fit, ft.val))
             r = run_finetune(method, ft_train, ft_test, probe_data, cfg.eval, device, bf16, log)
             if test is None:
                 r["val_acc"] = r.pop("acc")
