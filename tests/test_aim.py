@@ -61,7 +61,14 @@ def test_random_order_predicts_each_targets_own_patch(tiny):
     noise = torch.rand(2, aim.noise_dim)
     order = aim.sample_order(noise)
     assert not torch.equal(order[0], order[1])
-    out = aim({"image": torch.randn(2, 1, 8, 8), "noise": noise})
+    seen = {}
+    loss = aim.loss
+    aim.loss = lambda pred, target, S: seen.update(target=target) or loss(pred, target, S)
+    images = torch.randn(2, 1, 8, 8)
+    out = aim({"image": images, "noise": noise})
+    raster = aim.targets(images)                                        # (B, K, p*p*C) in raster order
+    for b in range(2):     # position i's target is the patch the image's own order puts at i
+        assert torch.equal(seen["target"][b], raster[b, order[b]])
     assert torch.isfinite(out.loss)
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 import random
 
 import torch
@@ -45,7 +46,13 @@ def test_beit_masks_exact_counts_and_loss_only_on_masked_positions(tmp_path):
     z2 = beit.encode(images2, mask)
     hidden0 = mask[:, 0].bool()
     assert torch.allclose(z[hidden0], z2[hidden0])           # a masked patch's pixels never enter
+    seen = []
+    loss = beit.loss
+    beit.loss = lambda logits, codes: seen.append((logits, codes)) or loss(logits, codes)
     out = beit({"image": images, "noise": noise})
+    logits, codes = seen[0]         # one row per masked patch, its target the tokenizer's code there
+    assert len(codes) == mask.sum() and torch.equal(codes, beit.tokenizer.encode(images)[mask.bool()])
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(logits.float(), codes))
     out.loss.backward()
     assert torch.isfinite(out.loss) and beit.mask_token.grad is not None
     assert all(p.grad is None for p in beit.tokenizer.parameters())
@@ -94,7 +101,9 @@ def test_beit_and_aim_token_ce_train(tmp_path):
     for name, o in (("beit", ("method=beit",)), ("aim", ("aim.loss=token_ce",))):
         cfg = tiny_cfg(*o, f"{name}.vocab=16", f"{name}.tokenizer_kind=kmeans", "train.steps=2")
         Trainer(cfg, tmp_path / name, progress=False).fit()
-        assert (tmp_path / name / "tokenizer").exists()
+        assert (tmp_path / name / "tokenizer" / "tokenizer.yaml").exists()
+        first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        assert abs(first - math.log(16)) < 1.0, (name, first)    # cross-entropy over 16 codes, near ln 16 at init
 
 
 def test_tokenizer_on_raw_patches_tells_flat_background_from_flat_fill(tmp_path):

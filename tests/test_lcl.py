@@ -50,13 +50,16 @@ def test_contrastive_target_uses_only_tokens_before_the_image():
     h = m.read(b["tokens"], b["slot"], b["valid"], vis)
     p = int(b["boi"][0, 1])                                  # doc 0, its second image
     later = b["tokens"].clone()
-    later[0, p + 6:] = 7                                     # text after the image
+    later[0, p + 6:] = 7                                     # only the text after the image
+    h_text = m.read(later, b["slot"], b["valid"], vis)
+    assert torch.allclose(h[0, :p + 1], h_text[0, :p + 1], atol=1e-5)  # the <boi> state: unchanged
     img = b["image"].clone()
-    img[0, 1] += 1.0                                         # the image itself
+    img[0, 1] += 1.0                                         # only the image itself
     z2, vis2 = m.encode(img[b["valid"]])
-    h2 = m.read(later, b["slot"], b["valid"], vis2)
-    assert torch.allclose(h[0, :p + 1], h2[0, :p + 1], atol=1e-5)      # the <boi> state: unchanged
-    assert not torch.allclose(h[0, p + 1:], h2[0, p + 1:], atol=1e-4)
+    h_img = m.read(b["tokens"], b["slot"], b["valid"], vis2)
+    assert torch.allclose(h[0, :p + 1], h_img[0, :p + 1], atol=1e-5)   # unchanged up to its <boi>
+    assert not torch.allclose(h[0, p + 1:], h_img[0, p + 1:], atol=1e-4)   # what follows reads the image
+    assert not torch.allclose(z, z2, atol=1e-4)             # and its latent is the image's
 
 
 def test_every_document_shape_trains_and_each_objective_runs():
