@@ -105,7 +105,8 @@ def linear_probe(train: dict[int, torch.Tensor], y: torch.Tensor, split: Split, 
     warm-started from the chosen fit, scores test. Features are standardised with train statistics."""
     device = y.device
     sub = split.fit[:select_images] if 0 < select_images < len(split.fit) else split.fit
-    rank_iters = iters if len(sub) == len(split.fit) else max(1, iters // 3)   # ranks as 300 would (aim-tiny)
+    # a third: on aim-tiny's layer 4 (10k images), 100 L-BFGS steps gave val 81.76%, 300 gave 81.70%
+    rank_iters = iters if len(sub) == len(split.fit) else max(1, iters // 3)
     per_layer, paths = {}, {}
     for layer, x in train.items():
         x = standardize(x.float().to(device))[0]
