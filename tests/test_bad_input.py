@@ -418,7 +418,7 @@ def test_a_broken_run_directory_is_one_line(capsys, run, what):
 
 
 @pytest.mark.parametrize("extra,name", [(["train.lr=1"], "eval.*"), (["eval.knn_k=0"], "eval.knn_k"),
-                                        (["eval.val_size=100000"], "eval.val_size"), (["--layers", "99"], "99"),
+                                        (["--layers", "99"], "99"),
                                         (["eval.linear_wd=[]"], "eval.linear_wd")])
 def test_bad_eval_settings_are_one_line(capsys, run, extra, name):
     rc, _, err = cli(capsys, "eval", run, "--probe", "knn", *extra)

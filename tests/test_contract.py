@@ -90,19 +90,38 @@ def test_seeded_runs_repeat_and_resume_is_bit_exact(name, corpora, tmp_path):
     _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
 
 
+def _fit_keeping_grads(cfg, out) -> list[dict]:
+    """Train, keeping the gradients each optimizer step applied."""
+    from imagelm.train import Trainer
+    t = Trainer(cfg, out, progress=False)
+    grads, step = [], t.opt.step
+
+    def keep_then_step(*a, **k):
+        grads.append({n: p.grad.clone() for n, p in t.method.named_parameters() if p.grad is not None})
+        return step(*a, **k)
+    t.opt.step = keep_then_step
+    t.fit()
+    return grads
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_two_accumulation_steps_equal_one_or_are_refused(name, corpora, tmp_path):
+    """The gradients each step applies and the losses are the one-batch run's (weights are not
+    compared: AdamW turns the rounding noise of a zero gradient, a key bias's, into a full step)."""
     from imagelm.train import Trainer
     cfg = cfg_of(name, corpora, "train.accum_steps=2", "train.steps=2")
     if build_method(cfg).couples_samples:       # contrastive: micro-batches would shrink the negatives
         with pytest.raises(ConfigError, match="accum_steps"):
             Trainer(cfg, tmp_path / "two", progress=False)
         return
-    Trainer(cfg, tmp_path / "two", progress=False).fit()
-    Trainer(cfg_of(name, corpora, "train.steps=2"), tmp_path / "one", progress=False).fit()
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert all(abs(a - b) < 1e-5 * max(1, abs(a)) for a, b in zip(one, two)), (one, two)
-    _same(_weights(tmp_path / "one"), _weights(tmp_path / "two"), exact=False)
+    two = _fit_keeping_grads(cfg, tmp_path / "two")
+    one = _fit_keeping_grads(cfg_of(name, corpora, "train.steps=2"), tmp_path / "one")
+    for g1, g2 in zip(one, two):
+        assert g1.keys() == g2.keys()
+        for k in g1:
+            assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-4), (name, k)
+    l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 2 and all(abs(a - b) < 1e-5 * max(1, abs(a)) for a, b in zip(l1, l2)), (l1, l2)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -143,7 +143,8 @@ def test_sample_complete_writes_a_grid_and_other_methods_get_a_clear_error(tmp_p
 
 def test_bench_reports_kv_cache_speedup_and_sequence_growth():
     cfg = tiny_cfg("method=igpt", "igpt.palette=8", "igpt.resolution=8")
-    res = build_method(cfg).benchmarks(cfg, torch.device("cpu"))
+    from imagelm.bench import profile_step
+    res = build_method(cfg).benchmarks(cfg, torch.device("cpu"), profile_step)
     assert res["kv_cache_identical"] and res["kv_cache_speedup"] > 0    # the speed itself: `imagelm bench`
     assert res["step_s_784"] > 0 and res["step_s_196"] > 0              # times: too noisy to compare in a test
     assert res["peak_mem_mb_784"] > res["peak_mem_mb_196"] > 0          # 4x the tokens hold more activations
