@@ -3,11 +3,11 @@ layer (for linear probes and k-NN) and the patch tokens averaged over a band of 
 attentive probe). Inference mode, bf16 where supported, large batches."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from imagelm import dist
 from imagelm.data.sources import ImageData, is_streamed
 from imagelm.data.transforms import normalize
 from imagelm.nn.embed import patchify
@@ -44,7 +44,7 @@ def extract(encoder, data: ImageData, layers: list[int], token_layers: list[int]
     want = sorted(set(layers) | set(token_layers))
     pooled = {l: [] for l in layers}
     tokens = []
-    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    amp = dist.autocast(device, bf16)
     chunk, labels = batch_size, []
     if torch.device(device).type == "cpu" and want and len(data):
         with amp:      # tokens per image, from an image of the encoder's size
