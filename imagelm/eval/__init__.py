@@ -127,13 +127,15 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
         """The one fit/val split, made once: from the labels listed with the images, or (shards)
         those read with them in the first pass."""
         nonlocal parts
-        if parts is None:
-            parts = P.split_train(labels, cfg.eval.val_size, cfg.eval.seed)
-            if "knn" in probes and cfg.eval.knn_k > len(parts.fit):
-                log(f"warning: eval.knn_k={cfg.eval.knn_k} is more than the {len(parts.fit)} images the k-NN votes "
-                    f"with; using k={len(parts.fit)}")
-                cfg.eval = dataclasses.replace(cfg.eval, knn_k=len(parts.fit))
-        return parts
+        if parts is not None and len(labels) == len(parts.fit) + len(parts.val):
+            return parts
+        split = P.split_train(labels, cfg.eval.val_size, cfg.eval.seed)   # (raw pixels of a streamed set: its sample)
+        if "knn" in probes and cfg.eval.knn_k > len(split.fit):
+            log(f"warning: eval.knn_k={cfg.eval.knn_k} is more than the {len(split.fit)} images the k-NN votes "
+                f"with; using k={len(split.fit)}")
+            cfg.eval = dataclasses.replace(cfg.eval, knn_k=len(split.fit))
+        parts = parts or split
+        return split
 
     def probe_all(f, tok, log):
         y_train = f[0].labels if f[0].labels is not None else train.labels
@@ -233,7 +235,7 @@ def cache_key(ecfg, probes, layers, sets: list[sources.ImageData], tensors: dict
         h.update(d.labels.numpy().tobytes())
     for k, t in sorted(tensors.items()):
         h.update(k.encode())
-        h.update(t.detach().float().contiguous().numpy().tobytes())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
 
 
