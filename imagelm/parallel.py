@@ -143,11 +143,10 @@ def consolidate(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # --- planning memory ------------------------------------------------------------------------------
-def memory_plan(params: int, activations_gb: float, ranks=(1, 2, 8, 64), bf16: bool = True) -> dict:
-    """Per-GPU memory estimate (GB) for training with AdamW in fp32 master weights: DDP holds
-    weights + gradients + two moments (16 bytes a parameter) on every rank; FSDP holds 1/N of
-    them plus the largest unit gathered at once (here bounded by 2 bytes x params / depth, folded
-    into the activations measured). Activations are those measured at this per-GPU batch."""
+def memory_plan(params: int, activations_gb: float, ranks=(1, 2, 8, 64)) -> dict:
+    """Per-GPU memory estimate (GB) for training with AdamW on fp32 weights: DDP holds weights,
+    gradients and two moments (16 bytes a parameter) on every rank, FSDP 1/N of them; both add the
+    activations measured at this per-GPU batch (which include the one gathered block under FSDP)."""
     state = 16 * params / 1e9
     return {"state_gb": state, "activations_gb": activations_gb,
             "ddp_gb": state + activations_gb,

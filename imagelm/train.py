@@ -153,10 +153,10 @@ class Trainer:
                 parallel.load_sharded(ckpt, self.method, self.opt)
             except Exception as e:     # noqa: BLE001 - DCP raises its own types for cut or foreign shards
                 raise CheckpointError(f"cannot load the shards of {ckpt}: {' '.join(str(e).split())[:300]}") from e
-            state = checkpoint.load_state(ckpt)
         else:
             checkpoint.load_into(self.method, ckpt)
-            state = checkpoint.load_state(ckpt)
+        state = checkpoint.load_state(ckpt)
+        if not self.sharded:
             try:
                 self.opt.load_state_dict(state["optimizer"])
             except (ValueError, KeyError, RuntimeError) as e:   # groups or sizes of another model
