@@ -119,7 +119,7 @@ class EvalConfig:
     batch_size: Annotated[int, POSITIVE] = 1024   # feature extraction (inference, bf16; CPU: chunks of ~4096 tokens)
     linear_iters: Annotated[int, POSITIVE] = 300  # L-BFGS steps per fit of the linear probe's L2 path (eval/probe.py)
     linear_wd: Annotated[tuple[Annotated[float, NON_NEGATIVE], ...], NON_EMPTY] = (1e-2, 1e-3, 1e-4, 1e-5, 0.0)
-                                # L2 strengths, chosen on val
+                                # L2 strengths (for a fit on all fit images), chosen on val
     select_images: Annotated[int, NON_NEGATIVE] = 10000   # fit images to rank layers / attentive lrs by (0 = all)
     attentive_layers: Annotated[str, LAYERS] = "last:6"   # blocks averaged for the attentive probe (AIM: last 6)
     attentive_epochs: Annotated[int, POSITIVE] = 10

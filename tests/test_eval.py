@@ -112,6 +112,36 @@ def test_fast_attention_pool_equals_attention_pool():
     assert torch.allclose(probe.pooled(x), probe.pool(x), atol=1e-5)
 
 
+def test_logistic_objective_gradient_equals_autograd():
+    import torch.nn.functional as F
+
+    x, y = _blobs(300)
+    clf = torch.nn.Linear(16, 4)
+    loss = P._Objective(x, y, 4)(clf, 1e-2)
+    grads = clf.weight.grad.clone(), clf.bias.grad.clone()
+    clf.zero_grad()
+    ref = F.cross_entropy(clf(x), y) + 0.5 * 1e-2 * clf.weight.pow(2).sum()
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(grads[0], clf.weight.grad, atol=1e-6) and torch.allclose(grads[1], clf.bias.grad, atol=1e-6)
+
+
+def test_linear_probe_carries_a_strength_chosen_on_a_subsample_over_to_all_of_fit():
+    """Choices on 100 of the 500 fit images: the strengths tried there are 5x the candidates (the
+    same penalty on the summed loss); the reported wd is a candidate, val_acc from all of fit."""
+    x, y, split, xt, yt = _train_test()
+    seen = []
+    real = P.logreg_path
+    P.logreg_path = lambda x_, y_, c, wds, iters=300: seen.append((len(x_), sorted(wds))) or real(x_, y_, c, wds, iters)
+    try:
+        r = P.linear_probe({0: x, 1: x}, y, split, 4, ({0: xt, 1: xt}, yt), wds=(1e-2, 0.0), iters=30, select_images=100)
+    finally:
+        P.logreg_path = real
+    assert seen and all(n == 100 and wds == [0.0, 5e-2] for n, wds in seen)
+    assert r["wd"] in (1e-2, 0.0) and r["select_images"] == 100 and r["acc"] > 0.97
+    assert set(r["per_wd"]) == {"0.01", "0"} and r["per_wd"][f"{r['wd']:g}"] == max(r["per_wd"].values())
+
+
 @needs_fmnist
 def test_linear_probe_fits_converge_on_correlated_real_features():
     """Standardised pixels are strongly correlated, as learned features are: from zeros, 100 L-BFGS
