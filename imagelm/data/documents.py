@@ -17,7 +17,7 @@ import numpy as np
 
 from imagelm.data.corpora import _document_problem
 from imagelm.data.folder import REPLACE_TRIES
-from imagelm.data.images import train_view
+from imagelm.data.images import DataError, train_view
 from imagelm.data.shards import Reader, ShardSet, scan
 
 
@@ -133,10 +133,13 @@ class InterleavedSet:
 
     def sample_documents(self, n: int) -> list[list]:
         """Parts of about n documents spread over the file (images not read): the bounded text
-        sample a tokenizer is trained on."""
+        sample a tokenizer is trained on. A line that is not a document is left out (an error
+        under data.strict)."""
         out = []
         for j in np.unique(np.linspace(0, len(self) - 1, min(n, len(self))).round().astype(np.int64)).tolist():
-            d, _ = self.document(j)
+            d, why = self.document(j)
+            if d is None and self.strict:
+                raise DataError(f"{self.place(j)}: {why} (data.strict=true; false skips such lines and counts them)")
             if d is not None:
                 k = min(len(d["image_info"]), self.images_per_sample)
                 out.append(parts(d, list(range(k)) + [None] * (len(d["image_info"]) - k)))

@@ -230,8 +230,9 @@ class ShardSet:
             for ref in itertools.islice(scan(url, self.strict), k):
                 try:
                     out.append(rd.caption(ref))
-                except (DataError, UnicodeDecodeError):
-                    continue
+                except (DataError, UnicodeDecodeError) as e:
+                    if self.strict:
+                        raise DataError(f"cannot read the caption of sample {ref.key!r} in shard {url}: {e}") from e
         return out
 
     def lanes(self, global_batch: int, streams: int) -> int:
