@@ -198,7 +198,7 @@ def labelled(data) -> bool:
 
 
 PREPARE_IMAGES = 5000     # images a method's prepare() (tokenizer, palette) sees of a streamed set
-PREPARE_TEXTS = 20000     # captions (or documents) a method's prepare() (text tokenizer, text pool) sees
+PREPARE_TEXTS = 10000     # captions (or documents) a method's prepare() (text tokenizer, text pool) sees
 
 
 def in_memory(data, n: int = PREPARE_IMAGES) -> ImageData:
