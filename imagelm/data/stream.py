@@ -222,8 +222,10 @@ def _join(parts: list[dict], device: torch.device | None = None) -> dict:
     """The workers' parts of a step, in order, as one batch (on `device` when given: pinned parts
     travel there before they are joined)."""
     if device is not None:
-        parts = [{**b, "image": b["image"].to(device, non_blocking=True), "label": b["label"].to(device, non_blocking=True),
-                  "extras": {k: v.to(device, non_blocking=True) for k, v in b["extras"].items()}} for b in parts]
+        def to(x):
+            return x.to(device, non_blocking=True)
+        parts = [{**b, "image": to(b["image"]), "label": to(b["label"]),
+                  "extras": {k: to(v) for k, v in b["extras"].items()}} for b in parts]
     if len(parts) == 1:
         return parts[0]
     return {"step": parts[0]["step"], "image": torch.cat([b["image"] for b in parts]),
