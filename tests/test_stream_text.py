@@ -307,3 +307,25 @@ def test_a_missing_image_is_left_out_and_counted_and_a_bad_line_replaced_or_fata
     ds = sources.load(strict, MODEL, "train")
     with pytest.raises(DataError, match=r"nowhere.png|docs.jsonl:4: invalid JSON"):
         make_loader(ds, strict, 12, seed=0, text=DocumentLayout(tok, 40, 1, 4)).batch(0)
+
+
+def test_document_memory_is_an_index_not_the_documents(tmp_path):
+    def held(n):
+        fm = sources.synthetic(64, 32, 1, classes=10)
+        fm.classes = list(sources.FASHION_MNIST_CLASSES)
+        out = tmp_path / str(n) / "interleaved" / "train"
+        corpora.build_interleaved(out, "train", n=n, data=fm)
+        c = cfg(out.parent.parent, "interleaved", corpus_size=n)
+        m = ModelConfig(img_size=32, patch_size=4, in_chans=1)
+        tracemalloc.start()
+        ds = sources.load(c, m, "train")
+        make_loader(ds, c, 8, seed=0).batch(0)
+        now, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return now, peak, sum(len(json.loads(line)["image_info"]) for line in (out / "docs.jsonl").open())
+
+    (now_a, peak_a, a), (now_b, peak_b, b) = held(400), held(2000)
+    # held: 8 B a document (its line's offset) and ~35 B an image (key, shard, offset, size); in
+    # memory the 1,600 more documents' 32x32 images alone would be ~4 MB
+    assert now_b - now_a < 1600 * 8 + (b - a) * 48, (now_a, now_b, b - a)
+    assert peak_b - peak_a < 3 * 2 ** 20, (peak_a, peak_b)    # reading the JSONL by 1 MiB chunks: a bound

@@ -10,6 +10,7 @@ images (J slots, zeros where it has fewer) and its parts in reading order, text 
 image slots, which the method lays out in the worker."""
 from __future__ import annotations
 
+import array
 import json
 import os
 
@@ -21,8 +22,8 @@ from imagelm.data.images import DataError, train_view
 from imagelm.data.shards import Reader, ShardSet, scan
 
 
-def line_starts(path: str, chunk: int = 1 << 24) -> np.ndarray:
-    """(N,) int64 byte offsets of the non-empty lines of a file, read in chunks (bounded memory)."""
+def line_starts(path: str, chunk: int = 1 << 20) -> np.ndarray:
+    """(N,) int64 byte offsets of the non-empty lines of a file, read in 1 MiB chunks (bounded memory)."""
     starts, ends, pos = [np.zeros(1, np.int64)], [], 0
     with open(path, "rb") as f:
         while b := f.read(chunk):
@@ -85,14 +86,17 @@ class InterleavedSet:
         self.images = ShardSet(list(shards), channels, size, self.classes, strict, counts=[0] * len(shards),
                                labelled=False)     # statistics and eval views read the images alone
         self.shard_urls = list(shards)
-        keys, where = [], []
-        for s, url in enumerate(self.shard_urls):
+        keys, where = [], array.array("q")      # flat (shard, offset, size) triples: no tuple per image
+        for s, url in enumerate(self.shard_urls):   # a shard's keys become numpy at once: no Python str per image
+            names = []
             for ref in scan(url, strict):
-                keys.append(image_key(ref.key).encode("utf-8", "surrogateescape"))
-                where.append((s, ref.offset, ref.size))
-        order = np.argsort(np.array(keys, dtype=np.bytes_), kind="stable")
-        self.keys = np.array(keys, dtype=np.bytes_)[order]                    # (I,) sorted
-        self.where = np.array(where, dtype=np.int64).reshape(-1, 3)[order]     # (I, 3): shard, offset, size
+                names.append(image_key(ref.key).encode("utf-8", "surrogateescape"))
+                where.extend((s, ref.offset, ref.size))
+            keys.append(np.array(names, dtype=np.bytes_))
+        keys = np.concatenate(keys)
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]                                                   # (I,) sorted
+        self.where = np.frombuffer(where, dtype=np.int64).reshape(-1, 3)[order]   # (I, 3): shard, offset, size
         self.images.counts = np.bincount(self.where[:, 0], minlength=len(shards)).tolist()
         self.mean: list[float] = []
         self.std: list[float] = []
