@@ -287,8 +287,8 @@ class StreamLoader:
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         d = self.device
         b = _join(self._parts(step), d)
-        noise = draws(self.seed, step, self.global_batch, self.noise_dim)[1][self.rank * self.local:
-                                                                           (self.rank + 1) * self.local]
+        noise = draws(self.seed, step, self.global_batch, self.noise_dim, self.data.images_per_sample)[1]
+        noise = noise[self.rank * self.local:(self.rank + 1) * self.local]
         images = normalize(b["image"], self.data.mean, self.data.std)
         return {"image": images, "label": b["label"], "noise": noise.to(d), **b["extras"]}
 
