@@ -205,6 +205,19 @@ def test_clip_learns_from_a_users_image_text_shards(tmp_path):
     assert all(np.isfinite(losses)) and np.mean(losses[-10:]) < np.log(16) - 0.2, losses
 
 
+def test_trainer_counts_unreadable_image_text_samples_in_metrics(tmp_path):
+    from imagelm.train import Trainer
+
+    root = write_pairs(tmp_path / "pairs", 15, per_shard=15)
+    _tar(root / "00001.tar", [("bad.png", b"not a png"), ("bad.txt", b"a caption of nothing")])
+    (root / "00001_stats.json").write_text(json.dumps({"successes": 1}))
+    c = tiny_cfg(*CLIP, "data.dataset=image-text", f"data.root={root}", "data.workers=1", "train.batch_size=16",
+                 "train.steps=2", "train.ckpt_every=100")
+    Trainer(c, tmp_path / "run", progress=False).fit()           # every step is the whole epoch: 'bad' in each
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data_skipped"] for r in rows] == [1, 1]
+
+
 @pytest.mark.parametrize("method", ["lcl", "beit3"])
 def test_lcl_and_beit3_train_from_a_users_image_text_shards(tmp_path, method):
     from test_contract import TINY
