@@ -1,6 +1,7 @@
 """Image-text data streamed from disk: WebDataset shards with captions (a user's own, and the built
 corpora) and interleaved documents, with each sample's text tokenized (laid out) in the workers."""
 import io
+import itertools
 import json
 import tarfile
 import tracemalloc
@@ -161,6 +162,19 @@ def test_a_cut_image_text_shard_is_read_to_the_cut(tmp_path, tok):
     loader = make_loader(ds, c, len(ds), seed=0, text=CaptionTokens(tok, 16))
     b = loader.batch(0)
     assert len(b["image"]) == len(ds) and sum(loader.skipped.values()) <= 1     # a member cut inside its data
+
+
+def test_a_shard_cut_after_its_count_keeps_the_epoch_length_and_resume_exact(tmp_path):
+    d = write_pairs(tmp_path / "cut", 24)                    # _stats.json: 6 a shard
+    raw = (d / "00001.tar").read_bytes()
+    (d / "00001.tar").write_bytes(raw[:len(raw) // 2])       # cut after counting: 4 samples, not 6
+    ds = sources.load(cfg(d), MODEL, "train")
+    assert ds.counts == [6, 6, 6, 6]
+    for stream in range(4):
+        straight = [r.key for r in itertools.islice(ds.stream(stream, 4, seed=2, buffer=2), 30)]
+        for skip in (4, 6, 7, 13, 25):                       # epochs of 6 (as counted) however the shards fall
+            assert [r.key for r in itertools.islice(ds.stream(stream, 4, seed=2, skip=skip, buffer=2),
+                                                    30 - skip)] == straight[skip:], (stream, skip)
 
 
 def test_memory_stays_flat_as_the_image_text_corpus_grows(tmp_path, tok):

@@ -287,13 +287,26 @@ class ShardSet:
                     else:
                         yield ref
             if not got:
-                raise DataError(f"stream {reader} of {readers} found no samples in its part of {self.root}")
+                raise DataError(f"stream {reader} of {readers} found no samples in its part of {self.root} (shards "
+                                f"cut short after their samples were counted? remove their *_stats.json / {INFO})")
             rng.shuffle(buf)          # the epoch ends with its own samples: no sample crosses into the next
             for ref in buf:
                 if skip:
                     skip -= 1
                 else:
                     yield ref
+            short = n - got           # shards hold fewer than counted (cut after counting): the epoch keeps its
+            if short:                 # counted length with its first samples again, so skipping by counts lands right
+                log.warning("stream %d of %s: %d samples fewer than its shards' counts say", reader, self.root, short)
+            while short:
+                for ref in (r for url, a, b in mine for r in itertools.islice(scan(url, self.strict), a, b)):
+                    if not short:
+                        break
+                    short -= 1
+                    if skip:
+                        skip -= 1
+                    else:
+                        yield ref
             epoch += 1
 
     # --- per-sample work, in DataLoader workers -------------------------------------------------
