@@ -4,13 +4,18 @@
    image folder (small PNGs) of 1,000 and of 100,000 images, one training step in a fresh process:
    seconds from process start to the end of step 1, and the peak resident memory of the training
    process (+ its largest DataLoader worker). Both should be flat in the number of images.
-2. loader_img_per_s: images decoded + RandomResizedCrop(224) + flip per second by imagelm's
+2. image_text_time_to_first_step_s / image_text_peak_rss_mb: `imagelm pretrain clip-tiny` on generated
+   image-text WebDataset shards (img2dataset's layout: KEY.png + KEY.txt + KEY.json, 1,000 a shard,
+   NNNNN_stats.json) of 2,000 and of 50,000 samples, one training step in a fresh process, as in 1:
+   streamed, both should be flat in the number of samples (within 1.5x).
+3. loader_img_per_s: images decoded + RandomResizedCrop(224) + flip per second by imagelm's
    streamed folder loader (2 workers, uint8 batches of 64), next to a plain PIL + numpy torch
    DataLoader doing the same work on the same files in the same run (ratio >= 1.0 is the target).
    Sources are JPEGs of 500x375 (ImageNet's typical size) and of 224x224.
 
     .venv/bin/python benchmarks/data_loader.py            # ~4 min on 2 cores (writes 100k files to /tmp)
     .venv/bin/python benchmarks/data_loader.py --sizes 1000 --images 512     # quick
+    .venv/bin/python benchmarks/data_loader.py --no-first-step --no-throughput    # image-text only (~2 min)
 """
 from __future__ import annotations
 
@@ -71,16 +76,74 @@ print(json.dumps({"s": time.time() - t0, "data_s": data_s, "rss_mb": own, "worke
 """
 
 
-def first_step(folder: Path, py: str) -> dict:
+def first_step(folder: Path, py: str, script: str = FIRST_STEP) -> dict:
     out = Path(tempfile.mkdtemp(prefix="imagelm-bench-run-"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     t0 = time.time()
-    p = subprocess.run([py, "-c", FIRST_STEP, str(t0), str(folder), str(out / "run")], capture_output=True, text=True,
+    p = subprocess.run([py, "-c", script, str(t0), str(folder), str(out / "run")], capture_output=True, text=True,
                        env=env)
     shutil.rmtree(out, ignore_errors=True)
     if p.returncode:
         raise RuntimeError(p.stderr[-2000:])
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- image-text shards
+
+WORDS = ["a photo of", "a picture of", "this is", "catalogue image:", "here we see"]
+THINGS = ["a coat", "a pair of trousers", "a sneaker", "a bag", "an ankle boot", "a dress", "a shirt"]
+
+
+def make_caption_shards(root: Path, n: int, per_shard: int = 1000, size: int = 64) -> None:
+    """n image-text samples as img2dataset writes them (64 distinct PNGs written round robin,
+    captions varied), with NNNNN_stats.json giving each shard's count."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(0, n, per_shard):
+        k = min(n, s + per_shard) - s
+        with tarfile.open(root / f"{s // per_shard:05d}.tar", "w") as tf:
+            for i in range(s, s + k):
+                cap = f"{WORDS[i % 5]} {THINGS[i % 7]} number {i}, {'dark' if i % 3 else 'light'}."
+                for ext, data in (("png", blobs[i % 64]), ("txt", cap.encode()), ("json", b'{"similarity": 0.3}')):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        (root / f"{s // per_shard:05d}_stats.json").write_text(json.dumps({"successes": k}))
+
+
+FIRST_STEP_CLIP = """
+import resource, sys, time, json
+t0 = float(sys.argv[1])
+from imagelm import config
+from imagelm.train import Trainer
+cfg = config.load("clip-tiny", ["data.dataset=image-text", "data.root=" + sys.argv[2], "train.steps=1",
+                                "data.workers=1", "train.precision=fp32"])
+tr = Trainer(cfg, sys.argv[3], progress=False)
+tr.fit(until=1)
+s = time.time() - t0
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+from imagelm.data import sources
+from imagelm.data.loader import make_loader
+t1 = time.time()             # the data's own part again (warm): list, statistics, the caption sample, first batch
+data = sources.load(cfg.data, cfg.model, "train")
+texts = sources.preview(data).texts
+text_s = time.time() - t1
+loader = make_loader(data, cfg.data, cfg.train.batch_size, 0, text=tr.method.text_transform())
+loader.batch(0)
+data_s = time.time() - t1
+loader.close()
+print(json.dumps({"s": s, "data_s": data_s, "texts": len(texts), "text_sample_s": text_s, "rss_mb": own,
+                  "worker_rss_mb": kids}))
+"""
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -165,8 +228,11 @@ def main() -> None:
     ap.add_argument("--tmp", default=tempfile.gettempdir())
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--no-first-step", action="store_true")
+    ap.add_argument("--image-text-sizes", type=int, nargs="*", default=[2000, 50000],
+                    help="samples of the generated image-text corpora clip-tiny's first step is timed on (none: skip)")
     args = ap.parse_args()
-    res: dict = {"cpus": os.cpu_count(), "torch": torch.__version__, "first_step": {}, "throughput": {}}
+    res: dict = {"cpus": os.cpu_count(), "torch": torch.__version__, "first_step": {}, "throughput": {},
+                 "image_text_first_step": {}}
     work = Path(tempfile.mkdtemp(prefix="imagelm-bench-data-", dir=args.tmp))
     try:
         for n in () if args.no_first_step else args.sizes:
@@ -185,6 +251,25 @@ def main() -> None:
             a, b = (res["first_step"][str(n)] for n in (min(args.sizes), max(args.sizes)))
             res["first_step_ratio"] = {k: b[k] / a[k] for k in ("data_time_to_first_step_s", "data_setup_s",
                                                                  "data_peak_rss_mb")}
+        for n in args.image_text_sizes:
+            shards = work / f"it{n}"
+            t0 = time.time()
+            make_caption_shards(shards, n)
+            print(f"wrote {n} image-text samples in {time.time() - t0:.0f}s", flush=True)
+            r = first_step(shards, sys.executable, FIRST_STEP_CLIP)
+            res["image_text_first_step"][str(n)] = {
+                "image_text_time_to_first_step_s": r["s"], "data_setup_s": r["data_s"],
+                "caption_sample": r["texts"], "caption_sample_s": r["text_sample_s"],
+                "image_text_peak_rss_mb": r["rss_mb"], "worker_peak_rss_mb": r["worker_rss_mb"]}
+            print(f"{n:>7} image-text samples: clip-tiny's first step after {r['s']:.1f}s (listing, statistics, "
+                  f"{r['texts']} captions and the first batch: {r['data_s']:.1f}s when repeated), peak RSS "
+                  f"{r['rss_mb']:.0f} MB (workers {r['worker_rss_mb']:.0f} MB)", flush=True)
+            shutil.rmtree(shards)
+        if len(args.image_text_sizes) > 1:
+            a, b = (res["image_text_first_step"][str(n)] for n in (min(args.image_text_sizes),
+                                                                   max(args.image_text_sizes)))
+            res["image_text_first_step_ratio"] = {k: b[k] / a[k] for k in (
+                "image_text_time_to_first_step_s", "data_setup_s", "image_text_peak_rss_mb", "worker_peak_rss_mb")}
         for w, h in () if args.no_throughput else ((500, 375), (224, 224)):
             folder = work / f"jpg{w}"
             make_jpegs(folder, args.images, w, h)
@@ -198,7 +283,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.parent.mkdir(exist_ok=True)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for k in ("first_step", "throughput"):       # a partial run (--no-throughput, --sizes) keeps the rest
+    for k in ("first_step", "throughput", "image_text_first_step"):   # a partial run keeps the rest
         res[k] = {**old.get(k, {}), **res[k]}
     RESULTS.write_text(json.dumps({**old, **res}, indent=2))
     print(f"results: {RESULTS}")

@@ -70,11 +70,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion-mnist", "folder", "shards", "synthetic", "captions", "scenes", "captions+scenes",
-                     "interleaved"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "folder", "shards", "image-text", "synthetic", "captions", "scenes",
+                     "captions+scenes", "interleaved"] = "fashion-mnist"
     root: str = ""              # "" = the dataset's default location (corpora: ~/.cache/imagelm/corpora);
-                                # folder: ROOT/train/CLASS/*.jpg (+ ROOT/val or ROOT/test); shards: a folder
-                                # of *.tar (or with train/ and val/ or test/ subfolders), a brace pattern or glob
+                                # folder: ROOT/train/CLASS/*.jpg (+ ROOT/val or ROOT/test); shards, image-text
+                                # (KEY.jpg|png|webp + KEY.txt caption): a folder of *.tar (or with train/ and val/
+                                # or test/ subfolders), a brace pattern or glob
     resize: bool = False        # resize images to model.img_size (else a size mismatch is an error)
     corpus_size: Annotated[int, NON_NEGATIVE] = 0   # samples per split of a built corpus (0 = its default: every image)
     crop_scale: Annotated[tuple[Unit, Unit], ORDERED] = (0.4, 1.0)   # RandomResizedCrop scale (AIM)
@@ -84,7 +85,11 @@ class DataConfig:
     color_jitter: float = 0.0   # streamed data: brightness/contrast/saturation jitter strength (0 = off)
     workers: int = -1           # streamed data: decoding processes per rank (-1: from the CPU count, 0: none)
     prefetch: int = 2           # streamed data: batches each worker prepares ahead
-    shuffle_buffer: int = 1000  # shards: samples (references, not pixels) in each reader's shuffle buffer
+    shuffle_buffer: int = 1000  # shards: samples (references, not pixels) held for shuffling, over all streams
+    streams: Annotated[int, POSITIVE] = 64   # shards: the global batch is drawn from this many shard streams (at
+                                # most one a shard, a divisor of the batch): fixed by the run, not by its ranks
+                                # or workers, so any ranks x workers read the batches one process reads
+    max_images: Annotated[int, POSITIVE] = 4   # interleaved: images a document keeps (its first; more are dropped)
 
 
 @dataclass
@@ -321,7 +326,9 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 
 # keys that configs saved by older versions hold and this one no longer has
 RETIRED = {"eval": ("linear_epochs",    # never read: the linear probe runs L-BFGS (eval.linear_iters)
-                    "attentive_lr")}    # one lr, chosen on test: now eval.attentive_lrs, chosen on val
+                    "attentive_lr"),    # one lr, chosen on test: now eval.attentive_lrs, chosen on val
+           "beit3": ("seed",),          # the text-only stream's order: now drawn per step with the batch
+           "lcl": ("seed",)}            # captions' image-first coin: now drawn per step with the batch
 
 
 def drop_retired(d: dict) -> dict:

@@ -19,7 +19,7 @@ from imagelm.config import Config, ConfigError, diff, drop_retired, from_dict, r
 from imagelm.errors import CheckpointError, TrainingDiverged  # noqa: F401 - importable from here
 from imagelm.data import sources
 from imagelm.data.loader import make_loader
-from imagelm.methods import PreparesData, build_method
+from imagelm.methods import PreparesData, TransformsText, build_method
 
 
 REFIT = 100     # steps between refits of the schedule to a --minutes budget
@@ -95,14 +95,16 @@ class Trainer:
                               f"(contrastive), so micro-batches would shrink its negatives to "
                               f"{t.batch_size // t.accum_steps}; use train.accum_steps=1 (and more ranks or memory "
                               f"for a large batch)")
-        if isinstance(self.method, PreparesData):   # fit (or, on resume, load) a tokenizer; tokenize the text
+        if isinstance(self.method, PreparesData):   # fit (or, on resume, load) a tokenizer, a palette
             # on the CPU, beside the data, before the method moves: what it fits lands on the device with it;
             # streamed data hands it a bounded sample
-            self.method.prepare(sources.in_memory(self.data), self.out,
+            self.method.prepare(sources.preview(self.data), self.out,
                                 log=print if self.rank == 0 else lambda *a: None)
+        # a method that reads text tokenizes (lays out) each sample's text as the loader reads it
+        text = self.method.text_transform() if isinstance(self.method, TransformsText) else None
         self.method.to(self.device)
         self.loader = make_loader(self.data, cfg.data, t.batch_size, t.seed, self.method.noise_dim,
-                                  self.rank, self.world, self.device)
+                                  self.rank, self.world, self.device, text)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dist.bf16_supported(self.device))
         self.autocast = lambda: dist.autocast(self.device, use_bf16)
         self.precision = "bf16" if use_bf16 else "fp32"

@@ -207,7 +207,8 @@ def _finish(out: Path, kind: str, split: str, n: int, requested: int | None, see
             **extra) -> dict:
     """manifest.json, written last: its presence says the corpus is complete."""
     manifest = {"kind": kind, "split": split, "n": n, "requested_n": requested, "seed": seed, "version": VERSION,
-                "samples": w.count, "shards": [p.name for p in w.shards], **extra, "seconds": time.time() - t0}
+                "samples": w.count, "shards": [p.name for p in w.shards], "counts": w.counts, **extra,
+                "seconds": time.time() - t0}
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
@@ -575,12 +576,26 @@ def load_interleaved(jsonl: str | Path, shards: str | Path | Sequence[str | Path
     return InterleavedData(docs, missing, dict(bad))
 
 
-def document_texts(split: str, root: str | Path | None = None, n: int | None = None, seed: int = 0) -> list[str]:
-    """The text of each interleaved document (its segments in order, images left out): a text-only
-    corpus, read from the JSONL alone."""
+def document_texts(split: str, root: str | Path | None = None, n: int | None = None, seed: int = 0,
+                   limit: int = 0) -> list[str]:
+    """The text of interleaved documents (each one's segments in order, images left out): a
+    text-only corpus read from the JSONL alone; `limit`: about that many documents spread over the
+    file (read by byte offset), not all of it."""
+    from imagelm.data.documents import line_starts, parse
+
     c = ensure_corpus("interleaved", split, root, n, seed)
-    bad: collections.Counter = collections.Counter()
-    texts = [" ".join(d["text_list"]) for d in read_documents(c.jsonl, bad=bad)]
+    starts = line_starts(c.jsonl)
+    if limit and limit < len(starts):
+        starts = starts[np.linspace(0, len(starts) - 1, limit).round().astype(np.int64)]
+    texts, bad = [], collections.Counter()
+    with open(c.jsonl, "rb") as f:
+        for s in starts.tolist():
+            f.seek(s)
+            d, why = parse(f.readline())
+            if d is None:
+                bad[why] += 1
+            else:
+                texts.append(" ".join(d["text_list"]))
     _summarise(c.jsonl, bad)
     return texts
 

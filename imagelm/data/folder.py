@@ -25,6 +25,7 @@ class FolderSet:
     workers = -1              # decoding processes for eval passes and samples (data.workers)
     eval_skipped = 0
     skipped = 0               # unreadable files found before training (none: found as it trains)
+    images_per_sample, text, labelled, corpus = 1, False, True, None
 
     def __init__(self, root: str | Path, channels: int, size: int, classes: list[str] | None = None,
                  strict: bool = False, say=print):

@@ -1,22 +1,27 @@
 """Batches for training: a pure function of the step number, so resuming at step t replays
 exactly what an uninterrupted run would have seen, and any number of ranks see slices of one
-global batch (image order, augmentation and the method's noise are drawn for the global batch)."""
+global batch (image order, augmentation, the method's noise and text choices are drawn for the
+global batch)."""
 from __future__ import annotations
 
 import torch
 
 from imagelm.data.sources import ImageData
-from imagelm.data.transforms import crop_params, normalize, random_resized_crop
+from imagelm.data.stream import TextTransform, draws
+from imagelm.data.transforms import crop_theta, normalize, random_resized_crop
 
 
 class BatchLoader:
+    """An in-memory set, augmented on the device. `text`: the method's per-sample text transform,
+    applied to each sample's caption (data.texts) as the streamed loader's workers do."""
+
     def __init__(self, data: ImageData, data_cfg, global_batch: int, seed: int, noise_dim: int = 0,
-                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu", text: TextTransform | None = None):
         if global_batch % world:
             raise ValueError(f"train.batch_size {global_batch} is not divisible by the {world} ranks")
         if global_batch > len(data):
             raise ValueError(f"train.batch_size {global_batch} is larger than the dataset ({len(data)} images)")
-        self.data, self.cfg, self.seed = data, data_cfg, seed
+        self.data, self.cfg, self.seed, self.text = data, data_cfg, seed, text if data.texts is not None else None
         self.global_batch, self.noise_dim, self.rank, self.world = global_batch, noise_dim, rank, world
         self.local = global_batch // world
         self.device = torch.device(device)    # uint8 images travel, augmentation runs there
@@ -35,16 +40,18 @@ class BatchLoader:
         image gets its own crop."""
         epoch, j = divmod(step, self.steps_per_epoch)
         idx = self._order(epoch)[j * self.global_batch:(j + 1) * self.global_batch]
-        per = self.data.images[0].numel() // self.data.images.shape[-3:].numel()     # images per sample
-        g = torch.Generator().manual_seed((self.seed + 1) * 1_000_003 + step)
-        theta = crop_params(self.global_batch * per, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.flip, g)
-        noise = torch.rand(self.global_batch, self.noise_dim, generator=g)
+        per = self.data.images_per_sample
+        u, noise, tu = draws(self.seed, step, self.global_batch, self.noise_dim, per)
+        theta = crop_theta(u[:, :5], self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.flip)
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
         d = self.device
         raw = self.data.images[idx[mine]].to(d)                                     # (b, [J,] C, H, W)
         images = normalize(raw.flatten(0, -4), self.data.mean, self.data.std)
         images = random_resized_crop(images, theta[mine.start * per:mine.stop * per].to(d)).view(raw.shape)
         extras = {k: v[idx[mine]].to(d) for k, v in self.data.extras.items()}
+        if self.text is not None:
+            out = [self.text(self.data.texts[i], t) for i, t in zip(idx[mine].tolist(), tu[mine].numpy())]
+            extras.update({k: torch.stack([o[k] for o in out]).to(d) for k in out[0]})
         return {"image": images, "label": self.data.labels[idx[mine]].to(d), "noise": noise[mine].to(d), **extras}
 
     def close(self) -> None:
@@ -52,10 +59,11 @@ class BatchLoader:
 
 
 def make_loader(data, data_cfg, global_batch: int, seed: int, noise_dim: int = 0, rank: int = 0, world: int = 1,
-                device: torch.device | str = "cpu"):
+                device: torch.device | str = "cpu", text: TextTransform | None = None):
     """The loader for any dataset: in memory (BatchLoader, augmentation on the device) or streamed
-    from disk (StreamLoader, decoding in worker processes). Both answer batch(step) alike."""
+    from disk (StreamLoader, decoding and text transforms in worker processes). Both answer
+    batch(step) alike."""
     if isinstance(data, ImageData):
-        return BatchLoader(data, data_cfg, global_batch, seed, noise_dim, rank, world, device)
+        return BatchLoader(data, data_cfg, global_batch, seed, noise_dim, rank, world, device, text)
     from imagelm.data.stream import StreamLoader
-    return StreamLoader(data, data_cfg, global_batch, seed, noise_dim, rank, world, device)
+    return StreamLoader(data, data_cfg, global_batch, seed, noise_dim, rank, world, device, text=text)

@@ -1,5 +1,5 @@
-"""WebDataset image shards (NNNNNN.tar holding KEY.jpg|png|webp + optional KEY.cls / KEY.json,
-the layout img2dataset and timm's readers use) read from disk as it trains.
+"""WebDataset image shards (NNNNNN.tar holding KEY.jpg|png|webp + optional KEY.cls / KEY.json, and
+for image-text data KEY.txt: the layout img2dataset and timm's readers use) read from disk as it trains.
 
 A shard is scanned by its tar headers only (tarfile seeks over the data), giving a reference
 (offset, size) per field; bytes are read when a sample leaves the shuffle buffer. So the sample
@@ -8,11 +8,14 @@ the references of the first steps without reading image bytes, landing exactly w
 uninterrupted run would be, shuffle buffer contents included. Member names are never used as
 paths on disk: nothing is extracted.
 
-Readers: rank r's DataLoader worker w is reader r * workers + w of world * workers; in epoch e
-(of that reader) it reads shards order_e[reader::readers], order_e a permutation seeded by
-(seed, e), so in one epoch every shard is read by exactly one reader."""
+Streams: the global batch is drawn from S shard streams (`lanes`: fixed by the run's batch and
+data.streams, never by its ranks or workers). Epoch e is the shards in an order seeded by (seed, e),
+their samples end to end; stream l reads the l-th of S equal contiguous parts of it (`part`), so in
+one epoch every sample is read by exactly one stream, and streams stay equally long. Which process
+reads a stream is the loader's business (data/stream.py)."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -40,6 +43,7 @@ class Ref(NamedTuple):
     size: int
     cls: tuple[int, int] | None      # (offset, size) of KEY.cls
     meta: tuple[int, int] | None     # (offset, size) of KEY.json
+    txt: tuple[int, int] | None = None   # (offset, size) of the caption, KEY.txt (or .text, .caption)
 
 
 class ScanStats:
@@ -67,7 +71,8 @@ def scan(url: str, strict: bool = False, stats: ScanStats | None = None) -> Iter
             stats.no_image += 1
             return None
         f = cur["fields"]
-        return Ref(url, cur["key"], img, *f[img], f.get("cls"), f.get("json"))
+        return Ref(url, cur["key"], img, *f[img], f.get("cls"), f.get("json"),
+                   f.get("txt") or f.get("text") or f.get("caption"))
 
     try:
         with open(url.removeprefix("file://"), "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
@@ -111,7 +116,7 @@ def scan(url: str, strict: bool = False, stats: ScanStats | None = None) -> Iter
 class Reader:
     """Reads the bytes behind Refs, keeping a few shards open."""
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 4):       # keep: at least the shards read in turn (one a stream)
         self.files: dict[str, object] = {}
         self.keep = keep
 
@@ -137,28 +142,38 @@ class Reader:
                     return meta[k]
         return -1
 
+    def caption(self, ref: Ref) -> str:
+        if ref.txt is None:
+            raise DataError("no caption (KEY.txt)")
+        return self.read(ref.url, ref.txt).decode("utf-8")
+
 
 class ShardSet:
-    """The shards of data.root: a folder of *.tar, a brace pattern or a glob."""
+    """The shards of data.root: a folder of *.tar, a brace pattern, a glob, or a list of shards.
+    text: each sample's caption (KEY.txt) is part of it (image-text data). counts: samples per
+    shard when the caller knows them (a built corpus's manifest)."""
     workers = -1
     eval_skipped = 0
     skipped = 0               # unreadable files found before training (none: found as it trains)
+    images_per_sample = 1
 
-    def __init__(self, root: str, channels: int, size: int, classes: list[str] | None = None, strict: bool = False,
-                 shuffle_buffer: int = 1000, say=print):
+    def __init__(self, root: str | list[str], channels: int, size: int, classes: list[str] | None = None,
+                 strict: bool = False, shuffle_buffer: int = 1000, say=print, text: bool = False,
+                 counts: list[int] | None = None, corpus: dict | None = None, labelled: bool | None = None):
         from imagelm.data.sources import DatasetMissing
 
         self.root, self.channels, self.size, self.strict = root, channels, size, strict
-        self.shuffle_buffer = shuffle_buffer
-        self.urls = sorted(expand_urls(root))
+        self.shuffle_buffer, self.text, self.corpus = shuffle_buffer, text, corpus
+        self.urls = list(root) if isinstance(root, list) else sorted(expand_urls(root))
         if not self.urls:
             raise DatasetMissing(f"no shards (*.tar) at {root}")
         missing = [u for u in self.urls if "://" not in u and not os.path.isfile(u)]
         if missing:
             raise DatasetMissing(f"{len(missing)} shard(s) of {root} do not exist, e.g. {missing[0]}")
         info = self._info()
-        self.counts = self._counts(info, say)
+        self.counts = list(counts) if counts is not None else self._counts(info, say)
         self.classes = list(classes) if classes is not None else list(info.get("classes") or [])
+        self.labelled = bool(self.classes) if labelled is None else labelled    # every sample has a class
         self.mean: list[float] = []
         self.std: list[float] = []
         self.labels: torch.Tensor | None = None     # read with the images (KEY.cls)
@@ -200,28 +215,69 @@ class ShardSet:
         for u in self.urls:
             yield from scan(u, self.strict)
 
-    def stream(self, reader: int, readers: int, seed: int, skip: int = 0) -> Iterator[Ref]:
-        """Reader `reader`'s endless sample stream: epoch after epoch over its shards, through a
-        shuffle buffer of data.shuffle_buffer references (drained at the end of each epoch, so an
-        epoch yields each of its samples once), seeded by (seed, reader, epoch), so it replays
-        exactly. The first `skip` samples are left out: whole epochs by the shard counts (nothing
-        read), the rest of the way by headers (no image bytes)."""
+    def spread(self, n: int) -> list[tuple[str, int]]:
+        """(shard, samples to take from its start) for a bounded sample of about n samples spread
+        over the shards (not the first shards only: a corpus of several kinds has each in it)."""
+        if len(self.urls) > n:
+            return [(self.urls[i * len(self.urls) // n], 1) for i in range(n)]
+        return [(u, -(-n // len(self.urls))) for u in self.urls]
+
+    def sample_texts(self, n: int) -> list[str]:
+        """The captions of about n samples spread over the shards, read without their images: the
+        bounded text sample a text tokenizer is trained on."""
+        rd, out = Reader(), []
+        for url, k in self.spread(n):
+            for ref in itertools.islice(scan(url, self.strict), k):
+                try:
+                    out.append(rd.caption(ref))
+                except (DataError, UnicodeDecodeError) as e:
+                    if self.strict:
+                        raise DataError(f"cannot read the caption of sample {ref.key!r} in shard {url}: {e}") from e
+        return out
+
+    def lanes(self, global_batch: int, streams: int) -> int:
+        """S, the shard streams of a run: the largest divisor of the batch within data.streams (each
+        stream gives batch / S samples of a step)."""
+        return max(d for d in range(1, min(streams, global_batch) + 1) if global_batch % d == 0)
+
+    def part(self, stream: int, streams: int, seed: int, epoch: int) -> list[tuple[str, int, int]]:
+        """Stream `stream`'s part of an epoch: (shard, first, stop) sample ranges. The epoch is the
+        shards in an order seeded by (seed, epoch), their samples end to end; each stream takes its
+        contiguous 1/S of it, so streams are equally long (to one sample) however the shards fall."""
+        order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        total = sum(self.counts)
+        lo, hi = stream * total // streams, (stream + 1) * total // streams
+        out, at = [], 0
+        for i in order.tolist():
+            a, b = max(lo, at), min(hi, at + self.counts[i])
+            if a < b:
+                out.append((self.urls[i], a - at, b - at))
+            at += self.counts[i]
+        return out
+
+    def stream(self, reader: int, readers: int, seed: int, skip: int = 0, buffer: int | None = None) -> Iterator[Ref]:
+        """Stream `reader` of `readers`: endless, epoch after epoch over its part (`part`), through
+        a shuffle buffer of `buffer` references (default data.shuffle_buffer; drained at the end of
+        each epoch, so an epoch yields each of its samples once), seeded by (seed, reader, epoch),
+        so it replays exactly. The first `skip` samples are left out: whole epochs by the shard
+        counts (nothing read), the rest of the way by headers (no image bytes); a part that starts
+        inside a shard reads the headers before it."""
+        buffer = self.shuffle_buffer if buffer is None else buffer
         epoch = 0
         while True:
-            order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            mine = order[reader::readers].tolist()
-            n = sum(self.counts[i] for i in mine)
+            mine = self.part(reader, readers, seed, epoch)
+            n = sum(b - a for _, a, b in mine)
             if 0 < n <= skip:
                 skip, epoch = skip - n, epoch + 1
                 continue
             rng = random.Random((seed * 1_000_003 + reader) * 1_000_003 + epoch)
             buf: list[Ref] = []
             got = 0
-            for i in mine:
-                for ref in scan(self.urls[i], self.strict):
+            for url, a, b in mine:
+                for ref in itertools.islice(scan(url, self.strict), a, b):
                     got += 1
-                    if self.shuffle_buffer > 0:
-                        if len(buf) < self.shuffle_buffer:
+                    if buffer > 0:
+                        if len(buf) < buffer:
                             buf.append(ref)
                             continue
                         j = rng.randrange(len(buf))
@@ -231,29 +287,45 @@ class ShardSet:
                     else:
                         yield ref
             if not got:
-                raise DataError(f"reader {reader} of {readers} found no samples in its shards of {self.root}")
+                raise DataError(f"stream {reader} of {readers} found no samples in its part of {self.root} (shards "
+                                f"cut short after their samples were counted? remove their *_stats.json / {INFO})")
             rng.shuffle(buf)          # the epoch ends with its own samples: no sample crosses into the next
             for ref in buf:
                 if skip:
                     skip -= 1
                 else:
                     yield ref
+            short = n - got           # shards hold fewer than counted (cut after counting): the epoch keeps its
+            if short:                 # counted length with its first samples again, so skipping by counts lands right
+                log.warning("stream %d of %s: %d samples fewer than its shards' counts say", reader, self.root, short)
+            while short:
+                for ref in (r for url, a, b in mine for r in itertools.islice(scan(url, self.strict), a, b)):
+                    if not short:
+                        break
+                    short -= 1
+                    if skip:
+                        skip -= 1
+                    else:
+                        yield ref
             epoch += 1
 
     # --- per-sample work, in DataLoader workers -------------------------------------------------
-    def train_sample(self, rd: Reader, ref: Ref, u: np.ndarray, cfg) -> tuple[torch.Tensor | None, int, str]:
+    def train_sample(self, rd: Reader, ref: Ref, u: np.ndarray, cfg, text: bool = False
+                     ) -> tuple[np.ndarray | None, int, str | None, str]:
+        """(image (S, S, C), label, caption (when `text`), error) of one sample."""
         try:
             x = train_view(rd.read(ref.url, (ref.offset, ref.size)), self.channels, self.size, u, cfg.crop_scale,
                            cfg.crop_ratio, cfg.flip, cfg.color_jitter)
-            return x, rd.label(ref), ""
+            return x, rd.label(ref), rd.caption(ref) if text else None, ""
         except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt sample
-            return None, -1, f"cannot decode sample {ref.key!r} ({ref.ext}) in shard {ref.url}: {e}"
+            return None, -1, None, f"cannot decode sample {ref.key!r} ({ref.ext}) in shard {ref.url}: {e}"
 
-    def eval_sample(self, rd: Reader, ref: Ref) -> tuple[torch.Tensor | None, int, str]:
+    def eval_sample(self, rd: Reader, ref: Ref) -> tuple[np.ndarray | None, int, str | None, str]:
         try:
-            return eval_view(rd.read(ref.url, (ref.offset, ref.size)), self.channels, self.size), rd.label(ref), ""
+            x = eval_view(rd.read(ref.url, (ref.offset, ref.size)), self.channels, self.size)
+            return x, rd.label(ref), rd.caption(ref) if self.text else None, ""
         except Exception as e:  # noqa: BLE001
-            return None, -1, f"cannot decode sample {ref.key!r} ({ref.ext}) in shard {ref.url}: {e}"
+            return None, -1, None, f"cannot decode sample {ref.key!r} ({ref.ext}) in shard {ref.url}: {e}"
 
 
 # ----------------------------------------------------------------------------- writing

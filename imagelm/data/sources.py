@@ -1,9 +1,12 @@
-"""Image sources. In memory as uint8 tensors (ImageData): Fashion-MNIST (IDX files), the
-image-text corpora, synthetic images for tests, small folders (`image_folder`). Streamed from disk
-(`load` gives a FolderSet / ShardSet for data.dataset=folder|shards): image folders (class =
-subfolder) and WebDataset shards; `in_memory` turns either kind into a bounded ImageData."""
+"""Image sources. In memory as uint8 tensors (ImageData): Fashion-MNIST (IDX files), synthetic
+images for tests, small folders (`image_folder`), held-out image-text sets for eval
+(`image_text`). Streamed from disk (`load` gives a FolderSet / ShardSet / InterleavedSet): image
+folders (class = subfolder), WebDataset shards with or without captions (data.dataset=shards,
+image-text, and the built corpora captions, scenes, captions+scenes), interleaved documents;
+`in_memory` turns any into a bounded ImageData, `preview` into what a method's prepare() sees."""
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import re
@@ -32,14 +35,18 @@ class ImageData:
     skipped: int = 0                # unreadable files left out
     mean: list[float] = field(default_factory=list)   # per-channel statistics of the train split
     std: list[float] = field(default_factory=list)
-    texts: list[str] | None = None  # a caption per image (image-text corpora)
-    documents: list | None = None   # interleaved documents (images (N, J, C, H, W), J = most images in one)
+    texts: list[str] | None = None  # a caption per image (image-text data)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)   # per-sample tensors the loader batches
-                                    # with the images, e.g. tokenized captions (N, L), filled by a method
+                                    # with the images, e.g. tokenized captions (N, L) of an eval fine-tune
     corpus: dict | None = None      # a built corpus's {"root", "n"}: where a method finds its sibling corpora
+    documents = None                # (prepare views of interleaved sets have them)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def images_per_sample(self) -> int:
+        return self.images.shape[1] if self.images.dim() == 5 else 1
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -123,9 +130,8 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8).view(*images.shape[:-2], size, size)
 
 
-def image_text(kinds: list[str], split: str, size: int, root: str = "", n: int = 0) -> ImageData:
-    """Captioned corpora (captions, scenes; built on first use, rank 0 first under DDP) as one
-    in-memory set resized to size x size; label -1 where a sample has none (scenes)."""
+def _ensure(kinds: list[str], split: str, root: str, n: int) -> list:
+    """The built corpora (built on first use, by rank 0 first under DDP)."""
     from imagelm import dist
     from imagelm.data import corpora
 
@@ -134,33 +140,18 @@ def image_text(kinds: list[str], split: str, size: int, root: str = "", n: int =
             for k in kinds:
                 corpora.ensure_corpus(k, split, root or None, n or None)
         dist.barrier()
-    parts = [corpora.load_corpus(k, split, root or None, n or None) for k in kinds]
+    return [corpora.ensure_corpus(k, split, root or None, n or None) for k in kinds]
+
+
+def image_text(kinds: list[str], split: str, size: int, root: str = "", n: int = 0) -> ImageData:
+    """Captioned corpora (captions, scenes) as one in-memory set resized to size x size, label -1
+    where a sample has none (scenes): for bounded eval sets (held-out scenes), not for training."""
+    from imagelm.data import corpora
+
+    parts = [corpora.load_image_text(c.shards) for c in _ensure(kinds, split, root, n)]
     return ImageData(torch.cat([resize(p.images, size) for p in parts]), torch.cat([p.labels for p in parts]),
                      list(FASHION_MNIST_CLASSES), sum(p.skipped for p in parts),
                      texts=[c for p in parts for c in p.captions], corpus={"root": root or None, "n": n or None})
-
-
-def interleaved(split: str, size: int, root: str = "", n: int = 0, strict: bool = False) -> ImageData:
-    """MMC4-style documents as samples: images (N, J, C, H, W) zero-padded to the longest document,
-    the documents themselves (text segments and image places) in `documents`."""
-    from imagelm import dist
-    from imagelm.data import corpora
-
-    if dist.world_size() > 1:
-        if torch.distributed.get_rank() == 0:
-            corpora.ensure_corpus("interleaved", split, root or None, n or None)
-        dist.barrier()
-    docs = corpora.load_corpus("interleaved", split, root or None, n or None, strict=strict)
-    J = max(1, max(len(d.images) for d in docs.docs))
-    C = next((im.shape[0] for d in docs.docs for im in d.images), None)
-    if C is None:
-        raise DatasetMissing(f"the interleaved {split} documents hold no readable image")
-    images = torch.zeros(len(docs.docs), J, C, size, size, dtype=torch.uint8)
-    for i, d in enumerate(docs.docs):
-        for j, im in enumerate(d.images):
-            images[i, j] = resize(im[None], size)[0]
-    return ImageData(images, torch.full((len(docs.docs),), -1), list(FASHION_MNIST_CLASSES), docs.missing_images,
-                     documents=docs.docs, corpus={"root": root or None, "n": n or None})
 
 
 def split_root(data_cfg, split: str) -> str:
@@ -178,14 +169,14 @@ def split_root(data_cfg, split: str) -> str:
         for n in names:
             if (root / n).is_dir():
                 return str(root / n)
-        if data_cfg.dataset == "shards" and split == "train" and not any(
+        if data_cfg.dataset in SHARDS and split == "train" and not any(
                 (root / n).is_dir() for n in ("test", "val")):
             return str(root)
         raise DatasetMissing(f"{root} has no {' or '.join(names)} split folder (expected {root}/train/... and "
                              f"{root}/val/ or {root}/test/)")
     if not any(c in data_cfg.root for c in "{*?[") and not root.exists():
         raise DatasetMissing(f"data.root {root} does not exist (data.dataset={data_cfg.dataset})")
-    if data_cfg.dataset == "shards":
+    if data_cfg.dataset in SHARDS:
         if split == "train":
             return data_cfg.root
         for n in names:      # train-{000000..001023}.tar -> val-*.tar: the twin's count may differ
@@ -201,27 +192,100 @@ def is_streamed(data) -> bool:
     return not isinstance(data, ImageData)
 
 
+def labelled(data) -> bool:
+    """Whether every sample has a class (probes need one)."""
+    return bool((data.labels >= 0).all()) if isinstance(data, ImageData) else data.labelled
+
+
 PREPARE_IMAGES = 5000     # images a method's prepare() (tokenizer, palette) sees of a streamed set
+PREPARE_TEXTS = 10000     # captions (or documents) a method's prepare() (text tokenizer, text pool) sees
 
 
 def in_memory(data, n: int = PREPARE_IMAGES) -> ImageData:
-    """The dataset itself when it is in memory; else a bounded sample of n decoded images (the
-    same each time), for what needs pixels up front: methods' prepare(), tokenizers, sample grids."""
+    """The dataset itself when it is in memory; else a bounded sample of about n decoded images
+    spread over it (the same each time; image-text shards: with their captions), for what needs
+    pixels up front: tokenizers, sample grids, eval's fine-tunes."""
     if isinstance(data, ImageData):
         return data
     from imagelm.data.stream import sample
     return sample(data, n, data.workers)
 
 
+class Preview:
+    """What a method's prepare() sees of a streamed set: a bounded sample, each part read on first
+    use (a method that fits only a text tokenizer decodes no image). images, labels: PREPARE_IMAGES
+    decoded images; texts: the captions of PREPARE_TEXTS samples (image-text shards; read without
+    their images); documents: PREPARE_TEXTS documents as parts (interleaved)."""
+
+    def __init__(self, data):
+        self.data, self.mean, self.std, self.classes = data, data.mean, data.std, data.classes
+        self.corpus, self.images_per_sample = data.corpus, data.images_per_sample
+
+    @functools.cached_property
+    def _decoded(self) -> ImageData:
+        return in_memory(self.data)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self._decoded.images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._decoded.labels
+
+    @functools.cached_property
+    def texts(self) -> list[str] | None:
+        from imagelm.data.shards import ShardSet
+        return self.data.sample_texts(PREPARE_TEXTS) if isinstance(self.data, ShardSet) and self.data.text else None
+
+    @functools.cached_property
+    def documents(self) -> list[list] | None:
+        from imagelm.data.documents import InterleavedSet
+        return self.data.sample_documents(PREPARE_TEXTS) if isinstance(self.data, InterleavedSet) else None
+
+
+def preview(data):
+    """What a method's prepare() gets: an in-memory set itself, a bounded Preview of a streamed one."""
+    return data if isinstance(data, ImageData) else Preview(data)
+
+
+SHARDS = ("shards", "image-text")                    # data.root is the user's shards
+CORPORA = ("captions", "scenes", "captions+scenes")  # built image-text corpora: shards as well
+
+
+def corpus_place(data_cfg) -> tuple[str | None, int | None]:
+    """(root, n) of the built corpora a run's eval reads beside its data (held-out scenes): the
+    run's own corpus folder and size when it trains on built corpora, else the default cache."""
+    if data_cfg.dataset in CORPORA or data_cfg.dataset == "interleaved":
+        return data_cfg.root or None, data_cfg.corpus_size or None
+    return None, None
+
+
 def _open(data_cfg, model_cfg, split: str, train=None):
-    """A streamed split: the folder or shards, listed (not decoded), with the train split's classes."""
+    """A streamed split, listed (not decoded), with the train split's classes: a folder, shards,
+    built corpora (their shards or, interleaved, documents + image shards)."""
     from imagelm.data.folder import FolderSet
     from imagelm.data.shards import ShardSet
 
-    root = split_root(data_cfg, split)
-    classes = train.classes if train is not None else None
-    args = (root, model_cfg.in_chans, model_cfg.img_size, classes, data_cfg.strict)
-    ds = FolderSet(*args) if data_cfg.dataset == "folder" else ShardSet(*args, data_cfg.shuffle_buffer)
+    size, chans, strict = model_cfg.img_size, model_cfg.in_chans, data_cfg.strict
+    corpus = {"root": data_cfg.root or None, "n": data_cfg.corpus_size or None}
+    if data_cfg.dataset == "interleaved":
+        from imagelm.data.documents import InterleavedSet
+        c, = _ensure(["interleaved"], split, data_cfg.root, data_cfg.corpus_size)
+        ds = InterleavedSet(c.jsonl, c.shards, chans, size, data_cfg.max_images, list(FASHION_MNIST_CLASSES), strict,
+                            corpus)
+    elif data_cfg.dataset in CORPORA:
+        cs = _ensure(data_cfg.dataset.split("+"), split, data_cfg.root, data_cfg.corpus_size)
+        counts = [c.manifest.get("counts") for c in cs]
+        ds = ShardSet([u for c in cs for u in c.shards], chans, size, list(FASHION_MNIST_CLASSES), strict,
+                      data_cfg.shuffle_buffer, text=True, corpus=corpus, labelled=data_cfg.dataset == "captions",
+                      counts=[n for k in counts for n in k] if all(counts) else None)
+    else:
+        root = split_root(data_cfg, split)
+        classes = train.classes if train is not None else None
+        args = (root, chans, size, classes, strict)
+        ds = FolderSet(*args) if data_cfg.dataset == "folder" else \
+            ShardSet(*args, data_cfg.shuffle_buffer, text=data_cfg.dataset == "image-text")
     ds.workers = data_cfg.workers
     return ds
 
@@ -229,20 +293,16 @@ def _open(data_cfg, model_cfg, split: str, train=None):
 def _read(data_cfg, model_cfg, split: str) -> ImageData:
     if data_cfg.dataset == "fashion-mnist":
         return fashion_mnist(split, data_cfg.root)
-    if data_cfg.dataset == "interleaved":
-        return interleaved(split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size, data_cfg.strict)
-    if data_cfg.dataset in ("captions", "scenes", "captions+scenes"):
-        return image_text(data_cfg.dataset.split("+"), split, model_cfg.img_size, data_cfg.root, data_cfg.corpus_size)
     n, seed = {"train": (512, 0), "test": (256, 1)}[split]
     return synthetic(n, model_cfg.img_size, model_cfg.in_chans, seed=seed)
 
 
 def load(data_cfg, model_cfg, split: str, train=None):
     """The split ('train' or 'test') of the configured dataset, standardised with train-split
-    statistics: those of `train` when given (so the train split is not read twice). Folders and
-    shards are streamed (a FolderSet / ShardSet: listed, not decoded; statistics from a sample);
-    the rest is an in-memory ImageData."""
-    if data_cfg.dataset in ("folder", "shards"):
+    statistics: those of `train` when given (so the train split is not read twice). Folders,
+    shards, the image-text corpora and interleaved documents are streamed (listed, not decoded;
+    statistics from a sample); Fashion-MNIST and synthetic data are an in-memory ImageData."""
+    if data_cfg.dataset not in ("fashion-mnist", "synthetic"):
         from imagelm.data.stream import fit_stats
         if train is None and split != "train":
             train = _open(data_cfg, model_cfg, "train")
@@ -259,14 +319,13 @@ def load(data_cfg, model_cfg, split: str, train=None):
     if data_cfg.resize:
         ds.images = resize(ds.images, model_cfg.img_size)
         train.images = resize(train.images, model_cfg.img_size)
-    ref = train.images.flatten(0, -4)           # documents hold (J, C, H, W) per sample
+    ref = train.images
     if ref.shape[1] != model_cfg.in_chans or ref.shape[-1] != model_cfg.img_size:
         raise DataError(f"{data_cfg.dataset} images are {tuple(ref.shape[1:])}, but model.in_chans="
                          f"{model_cfg.in_chans} and model.img_size={model_cfg.img_size}")
     if train.mean and train is not ds:
         ds.mean, ds.std = train.mean, train.std
     else:
-        ref = ref[ref.flatten(1).amax(1) > 0]   # not the empty image slots of short documents
         f = ref.float().div_(255).transpose(0, 1).reshape(ref.shape[1], -1)
         ds.mean, ds.std = f.mean(1).tolist(), f.std(1).tolist()
     return ds

@@ -12,7 +12,12 @@ def crop_params(n: int, scale: tuple[float, float], ratio: tuple[float, float], 
                 generator: torch.Generator) -> torch.Tensor:
     """(n, 2, 3) affine matrices in normalised coordinates: a random area fraction in `scale` at
     an aspect ratio in `ratio` (log-uniform), placed uniformly inside the image, mirrored with p=0.5."""
-    u = torch.rand(n, 5, generator=generator)
+    return crop_theta(torch.rand(n, 5, generator=generator), scale, ratio, flip)
+
+
+def crop_theta(u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], flip: bool) -> torch.Tensor:
+    """crop_params from given uniforms u (n, 5)."""
+    n = len(u)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     w = (area * log_r.exp()).sqrt().clamp(max=1.0)       # crop size as a fraction of the side

@@ -71,6 +71,7 @@ class ShardWriter:
         self.out_dir, self.prefix, self.maxcount = Path(out_dir), prefix, maxcount
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.shards: list[Path] = []     # completed shards, in order
+        self.counts: list[int] = []      # their samples
         self.count = 0                   # samples written in all
         self._tar: tarfile.TarFile | None = None
         self._in_shard = 0
@@ -88,6 +89,7 @@ class ShardWriter:
         final = self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar"
         os.replace(tmp, final)
         self.shards.append(final)
+        self.counts.append(self._in_shard)
 
     def write(self, sample: dict[str, Any]) -> None:
         key = str(sample["__key__"])

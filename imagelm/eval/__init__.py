@@ -114,7 +114,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
             if d is not None:
                 d.mean, d.std = ref.mean, ref.std
     classes = len(train.classes)
-    if train.labels is not None and (train.labels < 0).any() and (probes or finetune):
+    if not sources.labelled(train) and (probes or finetune):
         raise ConfigError(f"{cfg.data.dataset} has no class labels to probe with: pass eval.dataset=fashion-mnist "
                           f"(or another labelled dataset)")
     _, _, device = dist.init()
@@ -280,12 +280,14 @@ def image_text_eval(run: Path, cfg, pairs: sources.ImageData, test: sources.Imag
         require(m, ReadsText, "--zero-shot/--retrieval/--itm").load_tokenizer(run, log=log)
         return m.to(device).eval()
 
-    res, root, n = {}, cfg.data.root or None, cfg.data.corpus_size or None
+    res, (root, n) = {}, sources.corpus_place(cfg.data)
     if zero_shot or retrieval:
         model = load()
         if not isinstance(model, EmbedsImageText):
             require(model, SeparateImageTextPaths, "--zero-shot/--retrieval without a joint image-text space")
             t0 = time.time()
+            # the captioned training images it fine-tunes on: a bounded sample of a streamed set
+            pairs = sources.in_memory(pairs, min(50000, cfg.eval.vl_steps * cfg.eval.vl_batch))
             if pairs.texts is None:
                 raise ConfigError(f"{cfg.data.dataset} has no captions for the contrastive fine-tune")
             model = vl.contrastive_finetune(model, pairs, cfg.data, cfg.eval, device, bf16, log)
@@ -298,7 +300,7 @@ def image_text_eval(run: Path, cfg, pairs: sources.ImageData, test: sources.Imag
             log(f"  zero-shot ({len(test)} images, {res['zero_shot']['prompts']} prompts per class): "
                 f"{res['zero_shot']['acc']:.4f} ({time.time() - t0:.0f}s)")
         if retrieval:
-            scenes = sources.image_text(["scenes"], "test", cfg.model.img_size, cfg.data.root, cfg.data.corpus_size)
+            scenes = sources.image_text(["scenes"], "test", cfg.model.img_size, root or "", n or 0)   # 2,000 scenes
             res["retrieval"] = Z.retrieval(model, normalize(scenes.images, test.mean, test.std), scenes.texts, bf16)
             r = res["retrieval"]
             log(f"  retrieval on {r['n']} held-out scenes: image->text R@1/5/10 {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/"

@@ -3,7 +3,7 @@ this module, the package imports them: no cycle."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -45,6 +45,16 @@ class ReadsText(Protocol):
     def load_tokenizer(self, run_dir, texts=None, log=print) -> None: ...
 
     def tokenize(self, texts: list[str]) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TransformsText(Protocol):
+    """reads each training sample's text (a caption, or a document's text and image places) as
+    tensors the loader makes per sample"""
+    def text_transform(self) -> Callable:
+        """After prepare(): a picklable callable (text: str | list of parts, u: (2,) uniforms) ->
+        {batch key: tensor} for one sample, run in the loader's workers; the loader stacks them."""
+        ...
 
 
 @runtime_checkable

@@ -10,7 +10,6 @@ batch serves as an image, a text or a pair, in the configured proportions.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -44,11 +43,10 @@ class BEiT3Config(TokenTargets):
     pair_text_mask_ratio: Annotated[float, RATIO] = 0.5  # the captions of image-text pairs
     mix: Annotated[tuple[Annotated[float, NON_NEGATIVE], ...], MIX] = (1.0, 1.0, 1.0)
                                        # image : text : pair, the share of samples used as each
-    text_documents: bool = True        # the text stream also reads the interleaved documents' text
+    text_documents: bool = True        # the text stream also reads the interleaved documents' text (built corpora)
     context_length: Annotated[int, POSITIVE] = 64
     text_vocab: Annotated[int, POSITIVE] = 64010            # BEiT-3's SentencePiece vocabulary
     text_tokenizer: str = ""           # a saved text tokenizer; "" = RUN/text_tokenizer, trained on first use
-    seed: Annotated[int, NON_NEGATIVE] = 0
 
 
 @register("beit3")
@@ -72,27 +70,33 @@ class BEiT3(Method):
         self.text_head = nn.Linear(model.dim, cfg.text_vocab)
         self.tokenizer = VisualTokenizer(cfg.tokenizer_config(model))
         self.tokenizer.requires_grad_(False)
-        self.text_tokenizer = None
+        self.text_tokenizer, self.pool = None, None
 
     # --- data -------------------------------------------------------------------------------------
     def prepare(self, data, run_dir, log=print) -> None:
-        """Fit (or load) the visual and text tokenizers; tokenize every caption (the pairs) and a
-        text for the text-only stream: captions and, with text_documents, document text."""
+        """Fit (or load) the visual and text tokenizers on the data (a bounded sample of a streamed
+        set), and tokenize the pool the text-only stream draws from: those captions and, with
+        text_documents on a built corpus, as many documents' text (read by byte offset)."""
+        from imagelm.data.sources import PREPARE_TEXTS
+
         if data.texts is None:
-            raise ConfigError("beit3 trains on image-text data: set data.dataset to captions, scenes or "
-                              "captions+scenes")
+            raise ConfigError("beit3 trains on captioned images: set data.dataset to image-text (your shards with "
+                              "KEY.txt captions), captions, scenes or captions+scenes")
         prepare_tokenizer(self.tokenizer, self.cfg, data, run_dir, log)
         pool = list(data.texts)
-        if self.cfg.text_documents:
+        if self.cfg.text_documents and data.corpus is not None:
             from imagelm.data import corpora
-            pool += corpora.document_texts("train", **(data.corpus or {}))
+            pool += corpora.document_texts("train", **data.corpus, limit=PREPARE_TEXTS)
         self.load_tokenizer(run_dir, pool, log)
-        order = list(range(len(pool)))
-        random.Random(self.cfg.seed).shuffle(order)
-        data.extras["text"] = self.tokenize(data.texts)
-        data.extras["text_only"] = self.tokenize([pool[order[i % len(pool)]] for i in range(len(data))])
-        log(f"beit3: {len(data)} samples as image : text : pair = {':'.join(f'{m:g}' for m in self.cfg.mix)}, "
-            f"text-only stream from {len(pool)} texts")
+        self.pool = self.tokenize(pool).to(torch.int32)                                  # (P, L)
+        log(f"beit3: samples as image : text : pair = {':'.join(f'{m:g}' for m in self.cfg.mix)}, text-only "
+            f"stream from a pool of {len(pool)} texts")
+
+    def text_transform(self) -> "PairText":
+        """Each sample's caption -> "text" (L,) tokens, and "text_only": a text of the pool (L,)."""
+        if self.pool is None:
+            raise RuntimeError("BEiT-3 has no text pool: call prepare()")
+        return PairText(self.text_tokenizer, self.cfg.context_length, self.pool)
 
     def load_tokenizer(self, run_dir, texts: list[str] | None = None, log=print) -> None:
         self.text_tokenizer = load_or_train(self.cfg.text_tokenizer, self.cfg.text_vocab, texts, run_dir, log)
@@ -208,6 +212,20 @@ class BEiT3(Method):
         x = torch.cat([self.embed_image(images), self.embed_text(tokens)], 1)
         h = self.encode(x, [VISION] * K + [LANGUAGE] * tokens.shape[1], pad, fuse=True)
         return _masked_mean(h, ~pad)
+
+
+class PairText:
+    """The loader's per-sample text transform: a caption -> {"text": its tokens (L,), "text_only":
+    the pool's text at u[0] (L,)}; pool: (P, L) int32, tokenized once, shared by forked workers."""
+
+    def __init__(self, tokenizer, context_length: int, pool: torch.Tensor):
+        self.tok, self.L, self.pool = tokenizer, context_length, pool
+
+    def __call__(self, text: str, u) -> dict[str, torch.Tensor]:
+        if not isinstance(text, str):
+            raise TypeError(f"expected a caption, got a {type(text).__name__}")
+        i = min(int(float(u[0]) * len(self.pool)), len(self.pool) - 1)
+        return {"text": self.tok.encode_one(text, self.L), "text_only": self.pool[i].long()}
 
 
 def _masked_mean(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagelm import dist
-from imagelm.config import POSITIVE, ModelConfig, Rule
+from imagelm.config import POSITIVE, ConfigError, ModelConfig, Rule
 from imagelm.methods.base import Method, Output, register
 from imagelm.nn.contrastive import info_nce
 from imagelm.nn.gpt import TokenTransformer
 from imagelm.nn.vit import ViT
-from imagelm.tokenizers.text import load_or_train
+from imagelm.tokenizers.text import CaptionTokens, load_or_train
 
 
 @dataclass
@@ -60,9 +60,17 @@ class CLIP(Method):
         self.tokenizer, self.eot_id = None, 0
 
     def prepare(self, data, run_dir, log=print) -> None:
-        """Load or train the BPE tokenizer, and tokenize the captions once (the loader batches them)."""
+        """Load the BPE tokenizer, or train it on the captions (a bounded sample of a streamed set)."""
+        if data.texts is None:
+            raise ConfigError("clip trains on captioned images: set data.dataset to image-text (your shards with "
+                              "KEY.txt captions), captions, scenes or captions+scenes")
         self.load_tokenizer(run_dir, data.texts, log)
-        data.extras["text"] = self.tokenize(data.texts)
+
+    def text_transform(self) -> CaptionTokens:
+        """Each sample's caption -> "text" (L,) tokens, in the loader's workers."""
+        if self.tokenizer is None:
+            raise RuntimeError("CLIP has no text tokenizer: call prepare() or load_tokenizer(run_dir)")
+        return CaptionTokens(self.tokenizer, self.cfg.context_length)
 
     def load_tokenizer(self, run_dir, texts: list[str] | None = None, log=print) -> None:
         self.tokenizer = load_or_train(self.cfg.tokenizer, self.cfg.text_vocab, texts, run_dir, log)

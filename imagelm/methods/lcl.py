@@ -10,7 +10,6 @@ batch: the context compresses into the latent), and next-token cross-entropy on 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -45,9 +44,8 @@ class LCLConfig:
     text_heads: Annotated[int, POSITIVE] = 8
     init_temperature: Annotated[float, POSITIVE] = 0.07
     caption_image_first: Annotated[float, FRACTION] = 0.5
-                                 # captions as one-image documents: P(image before its caption)
+                                 # captions as one-image documents: P(image before its caption), per step
     tokenizer: str = ""          # a saved text tokenizer; "" = RUN/text_tokenizer, trained on first use
-    seed: Annotated[int, NON_NEGATIVE] = 0
     RULES: ClassVar[tuple[Rule, ...]] = (
         (lambda c: c.text_dim % c.text_heads == 0, "{w}text_dim must be a multiple of {w}text_heads"),)
 
@@ -76,46 +74,38 @@ class LCL(Method):
                                    model.mlp_ratio, model.bias, model.norm_eps, causal=True, out=cfg.text_vocab)
         self.ctx_proj = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False)
         self.logit_scale = logit_scale(cfg.init_temperature, self)
-        self.tokenizer = None
+        self.tokenizer, self.slots = None, 1
 
     # --- data: documents -> token sequences with image slots ------------------------------------
     def prepare(self, data, run_dir, log=print) -> None:
-        """Train/load the BPE tokenizer and lay out every document once: the loader batches the
-        sequences with the images."""
+        """Train (or load) the BPE tokenizer on the documents' text or the captions (a bounded
+        sample of a streamed set); the loader lays out each sample as it reads it."""
         if data.documents is not None:
-            docs = [doc_parts(d) for d in data.documents]
+            texts = [p for d in data.documents for p in d if isinstance(p, str)]
+        elif data.texts is not None:
+            texts = data.texts
         else:
-            docs = caption_documents(data.texts, self.cfg.caption_image_first, self.cfg.seed)
-        self.tokenizer = load_or_train(self.cfg.tokenizer, self.cfg.text_vocab,
-                                       [p for d in docs for p in d if isinstance(p, str)], run_dir, log)
-        data.extras.update(self.layout(docs, data.images.shape[1] if data.images.dim() == 5 else 1))
-        log(f"lcl: {len(docs)} documents, {int(data.extras['valid'].sum())} images placed in sequences of "
-            f"{self.cfg.context_length} tokens ({self.M} per image)")
+            raise ConfigError("lcl trains on interleaved documents or captioned images: set data.dataset to "
+                              "interleaved, image-text (your shards with KEY.txt captions), captions, scenes or "
+                              "captions+scenes")
+        self.tokenizer = load_or_train(self.cfg.tokenizer, self.cfg.text_vocab, texts, run_dir, log)
+        self.slots = data.images_per_sample
+        log(f"lcl: each sample laid out as read: sequences of {self.cfg.context_length} tokens, {self.slots} image "
+            f"slot(s) of {self.M} tokens")
+
+    def text_transform(self) -> "DocumentLayout":
+        """Each sample (a document's parts, or a caption: a one-image document) -> tokens, slot,
+        boi, valid, in the loader's workers."""
+        if self.tokenizer is None:
+            raise RuntimeError("LCL has no text tokenizer: call prepare()")
+        return DocumentLayout(self.tokenizer, self.cfg.context_length, self.M, self.slots,
+                              self.cfg.caption_image_first)
 
     def layout(self, docs: list[list], J: int) -> dict[str, torch.Tensor]:
-        """Each document, a list of text segments (str) and image indices (int), as
-        tokens (N, L); slot (N, L): -1 for text, else j*M + m for visual token m of image j;
-        boi (N, J): position of image j's <boi> (-1: absent or cut); valid (N, J)."""
-        tok, L, M = self.tokenizer, self.cfg.context_length, self.M
-        N = len(docs)
-        tokens = torch.full((N, L), tok.pad_id, dtype=torch.long)
-        slot = torch.full((N, L), -1, dtype=torch.long)
-        boi = torch.full((N, J), -1, dtype=torch.long)
-        for i, parts in enumerate(docs):
-            ids, slots = [], []
-            for part in parts:
-                if isinstance(part, str):
-                    new = tok.encode_ids((" " if ids else "") + part)[:max(0, L - 1 - len(ids))]
-                    ids += new
-                    slots += [-1] * len(new)
-                elif len(ids) + M + 3 <= L:              # <boi> M slots <eoi>, room left for <|endoftext|>
-                    boi[i, part] = len(ids)
-                    ids += [tok.boi_id] + [tok.pad_id] * M + [tok.eoi_id]
-                    slots += [-1] + [part * M + m for m in range(M)] + [-1]
-            ids, slots = ids[:L - 1] + [tok.eot_id], slots[:L - 1] + [-1]
-            tokens[i, :len(ids)] = torch.tensor(ids)
-            slot[i, :len(slots)] = torch.tensor(slots)
-        return {"tokens": tokens, "slot": slot, "boi": boi, "valid": boi >= 0}
+        """Documents (lists of text segments and image slots) laid out as a batch: see DocumentLayout."""
+        lay = DocumentLayout(self.tokenizer, self.cfg.context_length, self.M, J)
+        out = [lay(d, None) for d in docs]
+        return {k: torch.stack([o[k] for o in out]) for k in out[0]}
 
     # --- the method, step by step -------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,17 +185,33 @@ class LCL(Method):
         return self.encode(images)[0]
 
 
-def doc_parts(doc) -> list:
-    """A corpora.Document in reading order, images as their index in the document."""
-    out, by_pos = [], {}
-    for j, p in enumerate(doc.positions):
-        by_pos.setdefault(p, []).append(j)
-    for i, t in enumerate(doc.texts):
-        out += by_pos.pop(i, []) + [t]
-    return out + [j for p in sorted(by_pos) for j in by_pos[p]]
+class DocumentLayout:
+    """The loader's per-sample text transform. A document, its text segments (str) and image slots
+    (int) in reading order, or a caption (a one-image document: [image, caption] when u[0] <
+    image_first, else [caption, image]) -> tokens (L,); slot (L,): -1 for text, else j*M + m for
+    visual token m of image j; boi (J,): position of image j's <boi> (-1: absent or cut); valid (J,)."""
 
+    def __init__(self, tokenizer, context_length: int, tokens_per_image: int, slots: int, image_first: float = 0.5):
+        self.tok, self.L, self.M, self.J, self.image_first = tokenizer, context_length, tokens_per_image, slots, \
+            image_first
 
-def caption_documents(captions: list[str], image_first: float, seed: int) -> list[list]:
-    """Image-caption pairs as one-image documents: [image, caption] or [caption, image]."""
-    rng = random.Random(seed)
-    return [[0, c] if rng.random() < image_first else [c, 0] for c in captions]
+    def __call__(self, doc: str | list, u) -> dict[str, torch.Tensor]:
+        if isinstance(doc, str):
+            doc = [0, doc] if float(u[0]) < self.image_first else [doc, 0]
+        tok, L, M = self.tok, self.L, self.M
+        boi = torch.full((self.J,), -1, dtype=torch.long)
+        ids, slots = [], []
+        for part in doc:
+            if isinstance(part, str):
+                new = tok.encode_ids((" " if ids else "") + part)[:max(0, L - 1 - len(ids))]
+                ids += new
+                slots += [-1] * len(new)
+            elif part < self.J and len(ids) + M + 3 <= L:   # <boi> M slots <eoi>, room left for <|endoftext|>
+                boi[part] = len(ids)
+                ids += [tok.boi_id] + [tok.pad_id] * M + [tok.eoi_id]
+                slots += [-1] + [part * M + m for m in range(M)] + [-1]
+        ids, slots = ids[:L - 1] + [tok.eot_id], slots[:L - 1] + [-1]
+        tokens = torch.full((L,), tok.pad_id, dtype=torch.long)
+        slot = torch.full((L,), -1, dtype=torch.long)
+        tokens[:len(ids)], slot[:len(slots)] = torch.tensor(ids), torch.tensor(slots)
+        return {"tokens": tokens, "slot": slot, "boi": boi, "valid": boi >= 0}

@@ -50,6 +50,13 @@ class TextTokenizer:
             out[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
         return out
 
+    def encode_one(self, text: str, context_length: int) -> torch.Tensor:
+        """(L,) int64: one row of encode(), for a loader's per-sample work."""
+        ids = self.encode_ids(text)[:context_length - 1] + [self.eot_id]
+        out = torch.full((context_length,), self.pad_id, dtype=torch.int64)
+        out[:len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return out
+
     def decode(self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
         """Text of one sequence (1-D) or of each row (2-D); special tokens and padding dropped."""
         if isinstance(ids, torch.Tensor):
@@ -84,6 +91,18 @@ class TextTokenizer:
         if not path.exists():
             raise FileNotFoundError(f"no text tokenizer at {path}")
         return cls(Tokenizer.from_file(str(path)))
+
+
+class CaptionTokens:
+    """A loader's per-sample text transform: a caption -> {"text": (L,) tokens}."""
+
+    def __init__(self, tokenizer: TextTokenizer, context_length: int):
+        self.tok, self.L = tokenizer, context_length
+
+    def __call__(self, text: str, u) -> dict[str, torch.Tensor]:
+        if not isinstance(text, str):
+            raise TypeError(f"expected a caption, got a {type(text).__name__}")
+        return {"text": self.tok.encode_one(text, self.L)}
 
 
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> TextTokenizer:
