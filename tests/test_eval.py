@@ -282,11 +282,13 @@ def test_compare_markdown_groups_seeds(tmp_path, capsys):
         (tmp_path / name / "eval").mkdir(parents=True)
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
         res = {"linear": {"acc": lin, "val_acc": lin, "layer": 2}, "knn": {"acc": lin - 0.1, "val_acc": 0.7}}
-        if name == "aim-x":
+        if name.startswith("aim"):       # both seeds with --baselines: random init per seed, pixels once
+            res["random_init"] = {"linear": {"acc": 0.70 + seed / 50, "val_acc": 0.7}}
             res["raw_pixels"] = {"linear": {"acc": 0.84, "val_acc": 0.85}}
         (tmp_path / name / "eval" / "probes.json").write_text(json.dumps(res))
     assert main(["compare", *(str(tmp_path / n) for n in ("aim-x", "aim-x-s1", "mae-x")), "--markdown"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| encoder | seeds | linear (%) | knn (%) |"
     assert out[2] == "| aim-x | 2 | 81.00 ± 1.41 | 71.00 ± 1.41 |"
-    assert out[3] == "| mae-x | 1 | 85.00 | 75.00 |" and out[4] == "| raw_pixels | 1 | 84.00 | - |"
+    assert out[3] == "| mae-x | 1 | 85.00 | 75.00 |"
+    assert out[4] == "| random_init | 2 | 71.00 ± 1.41 | - |" and out[5] == "| raw_pixels | 1 | 84.00 | - |"

@@ -3,7 +3,6 @@ corpora) and interleaved documents, with each sample's text tokenized (laid out)
 import io
 import itertools
 import json
-import tarfile
 import tracemalloc
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_cfg
-from imagelm.config import DataConfig, ModelConfig
+from imagelm.config import ModelConfig
 from imagelm.data import corpora, sources
 from imagelm.data.documents import InterleavedSet, parts
 from imagelm.data.images import DataError
@@ -20,6 +19,8 @@ from imagelm.data.loader import BatchLoader, make_loader
 from imagelm.data.shards import ShardSet
 from imagelm.data.stream import StreamLoader, epoch_order
 from imagelm.tokenizers.text import CaptionTokens, train_text_tokenizer
+from test_stream import cfg as folder_cfg
+from test_stream import _tar, ids
 
 MODEL = ModelConfig(img_size=8, patch_size=2, in_chans=1)
 IDENTITY = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False)
@@ -30,14 +31,6 @@ def _png(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def caption(i: int) -> str:
@@ -65,12 +58,8 @@ def write_pairs(root, n: int, per_shard: int = 6, size: int = 8, bars: bool = Fa
     return root
 
 
-def ids(images, mean, std):
-    return (images.flatten(1).mean(1) * std[0] + mean[0]).mul(255).round().long().tolist()
-
-
 def cfg(root, dataset="image-text", **kw):
-    return DataConfig(dataset=dataset, root=str(root), **{"workers": 0, **kw})
+    return folder_cfg(root, dataset, **kw)
 
 
 @pytest.fixture

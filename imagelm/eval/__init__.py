@@ -330,7 +330,11 @@ def table(results: dict, name: str = "pretrained") -> str:
 
 
 def load_results(run: Path, split: str = "test") -> dict:
+    """A run's evaluation; for split="val" a --split val one, else the val figures of a full one
+    (the same choices: test is scored after them)."""
     path = run / "eval" / ("probes.json" if split == "test" else "probes-val.json")
+    if split == "val" and not path.exists() and (run / "eval" / "probes.json").exists():
+        path = run / "eval" / "probes.json"
     if not path.exists():
         flag = "" if split == "test" else " --split val"
         raise FileNotFoundError(f"{run} has no {path.relative_to(run)}: run `imagelm eval {run}{flag}` first")
@@ -343,7 +347,9 @@ def load_results(run: Path, split: str = "test") -> dict:
 def compare(runs: list[Path], split: str = "test", markdown: bool = False) -> str:
     """One table over several runs' evaluations (e.g. aim-tiny, mae-tiny, beit-tiny), with the
     baselines of the first run that has them. markdown: runs whose configs differ only in
-    train.seed are one row, each figure the mean +- std over those seeds."""
+    train.seed are one row, each figure the mean +- std over those seeds; the random-init row is
+    then over the seeds of that first run's row that were evaluated with --baselines (raw pixels
+    have no seed: one)."""
     rows, base = [], []
     for run in map(Path, runs):
         r = load_results(run, split)
@@ -359,7 +365,9 @@ def compare(runs: list[Path], split: str = "test", markdown: bool = False) -> st
         d.pop("eval")
         groups.setdefault(json.dumps(d, sort_keys=True), []).append((run, r))
     named = [(re.sub(r"[-_]s(eed)?\d+$", "", g[0][0].name), [r for _, r in g]) for g in groups.values()]
-    return markdown_table(named + [(k, [r]) for k, r in base], "acc" if split == "test" else "val_acc")
+    seeds = next((g for _, g in named if any("random_init" in r for r in g)), [])
+    base = [(k, [r[k] for r in seeds if k in r] if k == "random_init" else [v]) for k, v in base]
+    return markdown_table(named + base, "acc" if split == "test" else "val_acc")
 
 
 def _cell(results: list[dict], section: str, key: str) -> str:
