@@ -22,7 +22,7 @@ from torch import nn
 
 from imagelm import __version__, checkpoint
 from imagelm.config import Config, ConfigError, drop_retired, from_dict
-from imagelm.methods import build_method
+from imagelm.methods import EmbedsImageText, build_method
 
 FORMAT = "imagelm-encoder"          # config.json["format"] of an exported folder
 STATS = "preprocess.json"           # in a run dir: the training data's per-channel mean/std
@@ -143,7 +143,7 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
         beit3's language path, mean over the text's tokens (no space shared with images)."""
         self._need_text("encode_text")
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        if self.method_name == "clip":
+        if isinstance(self.model, EmbedsImageText):
             return self.model.encode_text(tokens)
         return self.model.text_features(tokens)
 
@@ -151,7 +151,7 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
         """Standardised images -> (B, E): clip's unit vectors in the joint space; beit3's vision
         path, mean-pooled after the final norm."""
         self._need_text("encode_image")
-        if self.method_name == "clip":
+        if isinstance(self.model, EmbedsImageText):
             return self.model.encode_image(x)
         return self.model.image_features(x)
 
@@ -163,7 +163,7 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
         from imagelm.eval import zeroshot as Z
 
         self._need_text("zero_shot")
-        if self.method_name != "clip":
+        if not isinstance(self.model, EmbedsImageText):
             raise ConfigError(f"{self.method_name}'s image and text paths share no embedding space: zero-shot "
                               f"needs a clip run (`imagelm eval --zero-shot` fine-tunes one for beit3 first)")
         text = Z.class_embeddings(self, list(class_names), prompts or Z.PROMPTS, bf16=False)      # (classes, E)
