@@ -223,8 +223,9 @@ def throughput(root: Path, n: int, batch: int = 64, workers: int = 2, rounds: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000])
-    ap.add_argument("--images", type=int, default=512, help="images per throughput measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="alternated measurements per pipeline (median)")
+    ap.add_argument("--images", type=int, default=2048,
+                    help="images per throughput measurement (fewer: the workers' start dominates)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternated measurements per pipeline (median)")
     ap.add_argument("--tmp", default=tempfile.gettempdir())
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--no-first-step", action="store_true")

@@ -167,7 +167,7 @@ class InterleavedSet:
                                               f"and counts them)"
                 skipped += 1
                 continue
-            x = np.zeros((J, S, S, C), np.uint8)
+            x = np.zeros((J, C, S, S), np.uint8)
             slots: list[int | None] = []           # each image_info entry's slot (None: left out)
             placed = 0
             for im in doc["image_info"]:
