@@ -41,10 +41,10 @@ def test_prefix_attention_information_flow():
     assert not torch.allclose(y[:, 0], y3[:, 0])
 
 
-def test_explicit_attention_equals_sdpa_and_cpu_training_uses_it(monkeypatch):
-    """The written-out attention that CPU training runs gives SDPA's outputs and gradients for
-    every mask kind; a Transformer takes it when grad is enabled and SDPA in inference, with the
-    same result."""
+def test_explicit_attention_equals_sdpa_and_cpu_short_sequences_use_it(monkeypatch):
+    """The written-out attention that short sequences run on CPU gives SDPA's outputs and gradients
+    for every mask kind; a Transformer takes it in training and inference alike up to
+    CPU_EXPLICIT_ATTENTION_MAX_LEN tokens, and SDPA beyond, with the same result."""
     torch.manual_seed(0)
     B, h, n, d = 3, 2, 7, 8
     masks = [(None, False), (None, True), (attention_mask("causal", n), False),
@@ -66,7 +66,10 @@ def test_explicit_attention_equals_sdpa_and_cpu_training_uses_it(monkeypatch):
     with torch.inference_mode():
         torch.testing.assert_close(trained, net(x, prefix))
         torch.testing.assert_close(causal, net(x, is_causal=True))
-    assert len(calls) == 4
+    assert len(calls) == 8
+    monkeypatch.setattr(transformer, "CPU_EXPLICIT_ATTENTION_MAX_LEN", n - 1)    # longer sequences: SDPA
+    torch.testing.assert_close(trained, net(x, prefix))
+    assert len(calls) == 8
 
 
 def test_patchify_roundtrip_and_layout():

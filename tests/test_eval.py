@@ -103,13 +103,22 @@ def test_no_probe_reads_test_labels_before_its_choices():
     assert {"layer", "wd", "val_acc"} <= set(clean["linear"]) and {"lr", "val_acc"} <= set(clean["attentive"])
 
 
-def test_fast_attention_pool_equals_attention_pool():
+def test_attentive_probe_equals_batchnorm_then_attention_pool():
     probe = P.AttentiveProbe(24, 5, heads=4)
+    bn = torch.nn.BatchNorm1d(24, affine=False)
     with torch.no_grad():
         probe.pool.kv.bias.normal_()
         probe.pool.query.normal_()
-    x = torch.randn(7, 9, 24)
-    assert torch.allclose(probe.pooled(x), probe.pool(x), atol=1e-5)
+    x = torch.randn(7, 9, 24) * 3 + 1
+
+    def reference(x):
+        return probe.fc(probe.pool(bn(x.reshape(-1, 24)).view_as(x)))
+
+    for mode in (True, False):       # the batch's statistics (and running ones updated alike), then the running ones
+        probe.train(mode), bn.train(mode)
+        assert torch.allclose(probe(x), reference(x), atol=1e-5)
+        assert torch.allclose(probe.norm.running_var, bn.running_var) and torch.allclose(
+            probe.norm.running_mean, bn.running_mean)
 
 
 def test_logistic_objective_gradient_equals_autograd():

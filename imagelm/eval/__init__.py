@@ -222,7 +222,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
 
 
 # bump when a change to the probes changes their figures: cached baselines are then recomputed
-PROBE_VERSION = 3
+PROBE_VERSION = 4
 
 
 def cache_key(ecfg, probes, layers, sets: list[sources.ImageData], tensors: dict[str, torch.Tensor]) -> str:

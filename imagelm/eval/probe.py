@@ -156,34 +156,54 @@ def linear_probe(train: dict[int, torch.Tensor], y: torch.Tensor, split: Split, 
 
 
 class AttentiveProbe(nn.Module):
-    """AIM's attentive probe. With one query, attention pooling is computed without projecting
-    every token: q.(W_k x + b_k) = (W_k^T q).x + const, and sum_i a_i (W_v x_i + b_v) =
-    W_v (sum_i a_i x_i) + b_v, so each token costs O(heads * D) instead of O(D^2). The function
-    and its parameters are those of AttentionPool (tested equal)."""
+    """AIM's attentive probe: BatchNorm without affine -> attention pooling with one query -> linear.
+    With one query, pooling is computed without projecting every token: q.(W_k x + b_k) =
+    (W_k^T q).x + const, and sum_i a_i (W_v x_i + b_v) = W_v (sum_i a_i x_i) + b_v, so a token
+    costs O(heads * D) instead of O(D^2). The BatchNorm folds in the same way (the normalised
+    tokens are never formed): its shift is a constant of the softmax, and sum_i a_i = 1 carries it
+    and the scale through the pooling. The function and its parameters are those of BatchNorm1d
+    followed by AttentionPool (tested equal)."""
 
     def __init__(self, dim: int, classes: int, heads: int = 8):
         super().__init__()
         heads = math.gcd(heads, dim)
-        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.norm = nn.BatchNorm1d(dim, affine=False)     # holds the running statistics
         self.pool = AttentionPool(dim, heads)
         self.fc = nn.Linear(dim, classes)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std) per channel of the tokens x (B, N, D): the batch's in training (the running
+        statistics are updated as BatchNorm1d does), the running ones in eval."""
+        bn = self.norm
+        if not self.training:
+            return bn.running_mean, (bn.running_var + bn.eps).rsqrt()
+        flat = x.reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        mean = flat.mean(0)
+        var = flat.square().mean(0).sub_(mean.square()).clamp_(min=0)   # biased, as BatchNorm normalises
+        with torch.no_grad():
+            bn.running_mean.lerp_(mean, bn.momentum)
+            bn.running_var.lerp_(var * n / max(n - 1, 1), bn.momentum)  # unbiased, as BatchNorm keeps
+            bn.num_batches_tracked += 1
+        return mean, (var + bn.eps).rsqrt()
+
+    def pooled(self, x: torch.Tensor, mean: torch.Tensor | float = 0.0, scale: torch.Tensor | float = 1.0
+               ) -> torch.Tensor:
+        """AttentionPool of the tokens (x - mean) * scale, x (B, N, D) -> (B, D)."""
         B, N, D = x.shape
         h = self.pool.heads
         d = D // h
         w_k, w_v = self.pool.kv.weight.view(2, h, d, D).unbind(0)                    # (h, d, D) each
         b_v = self.pool.kv.bias.view(2, h, d)[1] if self.pool.kv.bias is not None else 0
-        k = torch.einsum("hd,hdD->hD", self.pool.query.view(h, d), w_k) / math.sqrt(d)   # (h, D)
+        k = torch.einsum("hd,hdD->hD", self.pool.query.view(h, d), w_k) * (scale / math.sqrt(d))   # (h, D)
         a = (x @ k.T).softmax(1)                                                    # (B, N, h)
-        x = a.transpose(1, 2) @ x                                                   # (B, h, D)
+        x = (a.transpose(1, 2) @ x - mean) * scale                                  # (B, h, D)
         return (torch.einsum("bhD,hdD->bhd", x, w_v) + b_v).reshape(B, D)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """fp32 throughout: a few MFLOP per batch, where bf16 casts of the tokens would cost more."""
-        B, N, D = tokens.shape
-        x = self.norm(tokens.float().reshape(B * N, D)).view(B, N, D)
-        return self.fc(self.pooled(x))
+        x = tokens.float()
+        return self.fc(self.pooled(x, *self.stats(x)))
 
 
 def train_attentive(tokens, y, classes: int, epochs: int, lr: float, heads: int = 8, batch_size: int = 256,
@@ -198,8 +218,8 @@ def train_attentive(tokens, y, classes: int, epochs: int, lr: float, heads: int 
     for _ in range(epochs):
         probe.train()
         for idx in torch.randperm(len(tokens), generator=g).split(batch_size):
-            idx = idx.to(tokens.device)
-            loss = F.cross_entropy(probe(tokens[idx]), y[idx])
+            idx = idx.to(tokens.device)      # index_select: ~10x faster than tokens[idx] on CPU
+            loss = F.cross_entropy(probe(tokens.index_select(0, idx)), y.index_select(0, idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -12,13 +12,14 @@ from torch.utils.checkpoint import checkpoint
 
 MaskMode = Literal["full", "causal", "prefix"]
 
-# Training short sequences on CPU, attention is written out (timm's non-fused path) rather than
-# asked of SDPA: SDPA's math backend upcasts bf16 q/k/v to fp32, and its flash kernel loses at
-# these lengths. Written out it runs in the autocast dtype (bf16 scores, as any non-fused attention
-# under autocast has): forward + backward 1.3-2.4x faster than the math backend at 12-160 tokens
-# (benchmarks/attention_backends.py), the training step of mae-, aim- and igpt-tiny ~1.1-1.2x.
-# Longer sequences and inference keep SDPA (flash), which never materialises the N x N scores;
-# written out is still faster at 196 tokens here, about even with flash at 256, 2-3x slower at 784.
+# Short sequences on CPU: attention is written out (timm's non-fused path) rather than asked of
+# SDPA: SDPA's math backend upcasts bf16 q/k/v to fp32, and its flash kernel loses at these
+# lengths. Written out it runs in the autocast dtype (bf16 scores, as any non-fused attention under
+# autocast has): training forward + backward 1.3-2.4x faster than the math backend at 12-160 tokens
+# (benchmarks/attention_backends.py), the training step of mae-, aim- and igpt-tiny ~1.1-1.2x;
+# inference 2x faster than flash at 49 tokens (the eval feature pass of aim-tiny ~1.1x).
+# Longer sequences keep SDPA (flash), which never materialises the N x N scores; written out is
+# still faster at 196 tokens here, about even with flash at 256, 2-3x slower at 784.
 CPU_EXPLICIT_ATTENTION_MAX_LEN = 160
 
 
@@ -35,7 +36,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 
 def _explicit(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.shape[1] <= CPU_EXPLICIT_ATTENTION_MAX_LEN and torch.is_grad_enabled()
+    return x.device.type == "cpu" and x.shape[1] <= CPU_EXPLICIT_ATTENTION_MAX_LEN
 
 
 def attention_mask(mode: MaskMode, n: int, prefix_len: torch.Tensor | None = None,
