@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from imagelm import dist, parallel
 from imagelm.config import Config
 from imagelm.data import sources
 from imagelm.data.loader import make_loader
-from imagelm.methods import HasBenchmarks, HasTimmPeer, build_method, methods_with
+from imagelm.methods import HasBenchmarks, HasTimmPeer, PreparesData, TransformsText, build_method, methods_with
 from imagelm.train import check_compiler
 
 
@@ -136,7 +137,14 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     data = sources.load(cfg.data, cfg.model, "train")
     with torch.device(device):       # built in place: a multi-billion-parameter model inits in seconds, not minutes
         method = build_method(cfg)
-    loader = make_loader(data, cfg.data, batch_size, seed=0, noise_dim=method.noise_dim, device=device)
+    text = None
+    if isinstance(method, PreparesData):     # as the trainer: its tokenizers fitted (not timed), text laid out per sample
+        with tempfile.TemporaryDirectory(prefix="imagelm-bench-") as tmp:
+            method.cpu().prepare(sources.preview(data), Path(tmp), log=lambda *a: None)
+        method.to(device)
+    if isinstance(method, TransformsText):
+        text = method.text_transform()
+    loader = make_loader(data, cfg.data, batch_size, seed=0, noise_dim=method.noise_dim, device=device, text=text)
     batches = [loader.batch(i) for i in range(5)][1:]
     _sync(device)
     t0 = time.perf_counter()

@@ -1,7 +1,10 @@
+import atexit
 import faulthandler
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +16,14 @@ from imagelm import config
 from imagelm.data.sources import FASHION_MNIST_ROOT
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    """What the tests cache (baselines, document indexes) goes to a folder of this session, not
+    ~/.cache; processes the tests spawn inherit it."""
+    os.environ["IMAGELM_CACHE"] = tempfile.mkdtemp(prefix="imagelm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["IMAGELM_CACHE"], True)
+
 
 TINY = {
     "method": "aim",

@@ -234,6 +234,20 @@ def test_lcl_and_beit3_train_from_a_users_image_text_shards(tmp_path, method):
     assert all(np.isfinite(_losses(tmp_path / "run")))
 
 
+@pytest.mark.parametrize("method", ["clip", "lcl", "beit3"])
+def test_bench_times_text_methods_on_a_users_image_text_shards(tmp_path, method):
+    """`imagelm bench` fits the method's tokenizers as the trainer does and times steps whose
+    batches carry the text laid out per sample."""
+    from test_contract import TINY
+    from imagelm.bench import bench
+
+    root = write_pairs(tmp_path / "pairs", 32, per_shard=8)
+    own = [o for o in TINY[method] if not o.startswith(("data.", "eval."))]
+    c = tiny_cfg(f"method={method}", *own, "data.dataset=image-text", f"data.root={root}", "data.workers=1")
+    res = bench(c, batch_size=8, steps=1, peer=False)
+    assert res["recipe_method"] == method and res["img_per_s"] > 0 and res["flops_per_img"] > 0
+
+
 def test_prepare_sees_a_bounded_text_sample_and_decodes_no_image_for_a_text_tokenizer(pairs, monkeypatch, tmp_path):
     from imagelm.methods import build_method
 
@@ -345,3 +359,25 @@ def test_document_memory_is_an_index_not_the_documents(tmp_path):
     # memory the 1,600 more documents' 32x32 images alone would be ~4 MB
     assert now_b - now_a < 1600 * 8 + (b - a) * 48, (now_a, now_b, b - a)
     assert peak_b - peak_a < 3 * 2 ** 20, (peak_a, peak_b)    # reading the JSONL by 1 MiB chunks: a bound
+
+
+def test_the_document_index_is_read_from_the_cache_until_the_corpus_changes(docs, monkeypatch, tmp_path):
+    from imagelm.data import documents
+
+    monkeypatch.setenv("IMAGELM_CACHE", str(tmp_path / "cache"))
+    built = []
+    real = documents.line_starts
+    monkeypatch.setattr(documents, "line_starts", lambda path: built.append(path) or real(path))
+    c = cfg(docs.parent.parent, "interleaved", corpus_size=12, **IDENTITY)
+    first, again = sources.load(c, MODEL, "train"), sources.load(c, MODEL, "train")
+    assert len(built) == 1 and len(list((tmp_path / "cache" / "index").glob("documents-*.npz"))) == 1
+    for a in ("starts", "keys", "where"):
+        assert np.array_equal(getattr(first, a), getattr(again, a))
+    assert again.find(documents.image_key(json.loads(
+        (docs / "docs.jsonl").read_text().splitlines()[0])["image_info"][0]["image_name"])) is not None
+    lines = (docs / "docs.jsonl").read_bytes().splitlines()
+    (docs / "docs.jsonl").write_bytes(b"\n".join(lines[:5]) + b"\n")       # rewritten: indexed again
+    assert len(sources.load(c, MODEL, "train")) == 5 and len(built) == 2
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("IMAGELM_CACHE", str(tmp_path / "a-file" / "cache"))   # no cache can be written: still loads
+    assert len(sources.load(c, MODEL, "train")) == 5 and len(built) == 3

@@ -7,19 +7,26 @@ step needs it. Images are found in the shards by key (the image_name's stem) thr
 the shards' tar headers (one scan, no image bytes; ~30 B an image in numpy arrays, which forked
 workers share without copy-on-write growth). A sample is a document: its first J = data.max_images
 images (J slots, zeros where it has fewer) and its parts in reading order, text segments and
-image slots, which the method lays out in the worker."""
+image slots, which the method lays out in the worker. Both indexes are kept under $IMAGELM_CACHE
+(index/) and read back while the JSONL and the shards are unchanged (path, size, mtime), so a
+corpus of millions of documents is scanned once, not at every start."""
 from __future__ import annotations
 
 import array
 import json
+import logging
 import os
 
 import numpy as np
 
+from imagelm.cache import cache_dir, files_key
 from imagelm.data.corpora import _document_problem
 from imagelm.data.folder import REPLACE_TRIES
 from imagelm.data.images import DataError, train_view
 from imagelm.data.shards import Reader, ShardSet, scan
+
+log = logging.getLogger(__name__)
+INDEX_VERSION = 1        # bump when what _index builds changes
 
 
 def line_starts(path: str, chunk: int = 1 << 20) -> np.ndarray:
@@ -51,6 +58,40 @@ def image_key(name: str) -> str:
     return os.path.basename(name).rsplit(".", 1)[0]
 
 
+def _index(jsonl: str, shards: list[str], strict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(line starts (N,) int64, image keys (I,) sorted, their (shard, offset, size) (I, 3) int64):
+    from the cache while the files are unchanged, else one pass over the JSONL and one header scan
+    of each shard (no image bytes), then cached (written atomically; a cache that cannot be read or
+    written is rebuilt or skipped with a warning)."""
+    path = cache_dir("index") / f"documents-{files_key(INDEX_VERSION, strict, files=[jsonl, *shards])}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["starts"], z["keys"], z["where"]
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("rebuilding the document index: cannot read %s (%s)", path, e)
+    starts = line_starts(jsonl)
+    keys, where = [], array.array("q")          # flat (shard, offset, size) triples: no tuple per image
+    for s, url in enumerate(shards):            # a shard's keys become numpy at once: no Python str per image
+        names = []
+        for ref in scan(url, strict):
+            names.append(image_key(ref.key).encode("utf-8", "surrogateescape"))
+            where.extend((s, ref.offset, ref.size))
+        keys.append(np.array(names, dtype=np.bytes_))
+    keys = np.concatenate(keys) if keys else np.array([], dtype=np.bytes_)
+    order = np.argsort(keys, kind="stable")
+    out = starts, keys[order], np.frombuffer(where, dtype=np.int64).reshape(-1, 3)[order]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, starts=out[0], keys=out[1], where=out[2])
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("document index not cached (%s): it is rebuilt at every start", e)
+    return out
+
+
 def parts(doc: dict, slots: list[int | None]) -> list:
     """The document in reading order: text segments (str) and image slots (int); image k of
     image_info sits just before text_list[matched_text_index] and takes slot slots[k] (None: left out)."""
@@ -80,23 +121,12 @@ class InterleavedSet:
         self.jsonl, self.channels, self.size, self.strict = str(jsonl), channels, size, strict
         self.root = self.jsonl
         self.images_per_sample, self.classes, self.corpus = max_images, list(classes or []), corpus
-        self.starts = line_starts(self.jsonl)                                   # (N,) int64
+        self.shard_urls = list(shards)
+        self.starts, self.keys, self.where = _index(self.jsonl, self.shard_urls, strict)
         if not len(self.starts):
             raise DatasetMissing(f"no document in {self.jsonl}")
         self.images = ShardSet(list(shards), channels, size, self.classes, strict, counts=[0] * len(shards),
                                labelled=False)     # statistics and eval views read the images alone
-        self.shard_urls = list(shards)
-        keys, where = [], array.array("q")      # flat (shard, offset, size) triples: no tuple per image
-        for s, url in enumerate(self.shard_urls):   # a shard's keys become numpy at once: no Python str per image
-            names = []
-            for ref in scan(url, strict):
-                names.append(image_key(ref.key).encode("utf-8", "surrogateescape"))
-                where.extend((s, ref.offset, ref.size))
-            keys.append(np.array(names, dtype=np.bytes_))
-        keys = np.concatenate(keys)
-        order = np.argsort(keys, kind="stable")
-        self.keys = keys[order]                                                   # (I,) sorted
-        self.where = np.frombuffer(where, dtype=np.int64).reshape(-1, 3)[order]   # (I, 3): shard, offset, size
         self.images.counts = np.bincount(self.where[:, 0], minlength=len(shards)).tolist()
         self.mean: list[float] = []
         self.std: list[float] = []
@@ -151,7 +181,7 @@ class InterleavedSet:
 
     # --- per-sample work, in DataLoader workers -------------------------------------------------
     def train_sample(self, i: int, u: np.ndarray, cfg) -> tuple[np.ndarray | None, int, list | None, int, str]:
-        """(images (J, S, S, C), label -1, parts, skipped, error) for document i; u: (J, 8) uniforms,
+        """(images (J, C, S, S), label -1, parts, skipped, error) for document i; u: (J, 8) uniforms,
         one row an image slot. A line that is not a document is replaced by the next one; an image
         missing from the shards or undecodable is left out of its document; each counts as skipped,
         and under data.strict is the error (naming the file and line, or the document and image)."""

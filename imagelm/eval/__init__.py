@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 
 from imagelm import checkpoint, dist
+from imagelm.cache import cache_dir
 from imagelm.data import sources
 from imagelm.eval import features as feats
 from imagelm.eval import probe as P
@@ -241,7 +241,7 @@ def cache_key(ecfg, probes, layers, sets: list[sources.ImageData], tensors: dict
 
 def cached(key: str, log, compute) -> dict:
     """compute(), or its result saved under $IMAGELM_CACHE (~/.cache/imagelm) by an earlier run with `key`."""
-    path = Path(os.environ.get("IMAGELM_CACHE", "~/.cache/imagelm")).expanduser() / "eval" / f"{key}.json"
+    path = cache_dir("eval") / f"{key}.json"
     if path.exists():
         log(f"  cached: {path}")
         return json.loads(path.read_text())
