@@ -22,15 +22,11 @@ from torch import nn
 
 from imagelm import __version__, checkpoint
 from imagelm.config import Config, ConfigError, drop_retired, from_dict
-from imagelm.methods import EmbedsImageText, build_method
+from imagelm.methods import EmbedsImageText, ExportsText, build_method, methods_with
 
 FORMAT = "imagelm-encoder"          # config.json["format"] of an exported folder
 STATS = "preprocess.json"           # in a run dir: the training data's per-channel mean/std
 TOKENIZER_DIR = "text_tokenizer"
-
-# methods whose text path is kept: the method's own parts it needs, and its tokenizer config key
-TEXT_PARTS = {"clip": (("encoder", "text", "image_proj", "text_proj", "logit_scale"), "tokenizer"),
-              "beit3": (("encoder", "text_embed", "text_pos"), "text_tokenizer")}
 
 
 class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["image-feature-extraction"]):
@@ -47,12 +43,11 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
         self.method_name = self.run_config.method
         self.img_size, self.in_chans = self.run_config.model.img_size, self.run_config.model.in_chans
         method = build_method(self.run_config)
-        keep = TEXT_PARTS.get(self.method_name, (None,))[0]
-        if keep is None:        # image only: the encoder alone
+        if not isinstance(method, ExportsText):     # image only: the encoder alone
             self.model = method.encoder
         else:                   # the parts the text path needs; training heads and tokenizers are dropped
             own = [n for n, _ in method.named_children()] + [n for n, _ in method.named_parameters(recurse=False)]
-            for name in set(own) - set(keep):
+            for name in set(own) - set(method.export_parts()):
                 delattr(method, name)
             self.model = method
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, -1, 1, 1), persistent=False)
@@ -67,7 +62,7 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
 
     @property
     def has_text(self) -> bool:
-        return self.method_name in TEXT_PARTS
+        return isinstance(self.model, ExportsText)
 
     @property
     def num_layers(self) -> int:
@@ -132,7 +127,8 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
     # --- the text path (image-text runs) ------------------------------------------------------
     def _need_text(self, what: str) -> None:
         if not self.has_text:
-            raise ConfigError(f"a {self.method_name} encoder has no text path: {what} needs a clip or beit3 run")
+            raise ConfigError(f"a {self.method_name} encoder has no text path: {what} needs a run of "
+                              f"{' or '.join(methods_with(ExportsText))}")
 
     def tokenize(self, texts: str | list[str]) -> torch.Tensor:
         self._need_text("tokenize")
@@ -164,26 +160,24 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
 
         self._need_text("zero_shot")
         if not isinstance(self.model, EmbedsImageText):
+            joint = sorted(set(methods_with(EmbedsImageText)) & set(methods_with(ExportsText)))
             raise ConfigError(f"{self.method_name}'s image and text paths share no embedding space: zero-shot "
-                              f"needs a clip run (`imagelm eval --zero-shot` fine-tunes one for beit3 first)")
+                              f"needs a run of {' or '.join(joint)} (`imagelm eval --zero-shot` fine-tunes one "
+                              f"for {self.method_name} first)")
         text = Z.class_embeddings(self, list(class_names), prompts or Z.PROMPTS, bf16=False)      # (classes, E)
         scale = self.model.logit_scale.clamp(max=math.log(self.model.cfg.max_logit_scale)).exp()
         return (scale * self.encode_image(self.preprocess(images)) @ text.T).softmax(-1)
 
     def _load_tokenizer(self, folder: Path) -> None:
+        """The text tokenizer: an export's own copy, else the run's configured or trained one."""
         if not self.has_text:
             return
         from imagelm.tokenizers.text import TextTokenizer
 
-        key = TEXT_PARTS[self.method_name][1]
-        path = getattr(self.run_config.objective, key) or folder / TOKENIZER_DIR
-        if folder.joinpath(TOKENIZER_DIR, "tokenizer.json").exists():     # an export carries its own
-            path = folder / TOKENIZER_DIR
-        tok = TextTokenizer.load(path)
-        if self.method_name == "clip":
-            self.model.tokenizer, self.model.eot_id = tok, tok.eot_id
-        else:
-            self.model.text_tokenizer = tok
+        path = folder / TOKENIZER_DIR
+        if not path.joinpath("tokenizer.json").exists():
+            path = self.model.tokenizer_setting() or path
+        self.model.set_tokenizer(TextTokenizer.load(path))
 
     # --- Hugging Face layout --------------------------------------------------------------------
     @classmethod
@@ -204,7 +198,7 @@ class Encoder(nn.Module, PyTorchModelHubMixin, library_name="imagelm", tags=["im
     def save_pretrained(self, save_directory, **kwargs):
         """The Hugging Face layout (config.json, model.safetensors) plus the text tokenizer."""
         out = super().save_pretrained(save_directory, **kwargs)
-        tok = getattr(self.model, TEXT_PARTS[self.method_name][1], None) if self.has_text else None
+        tok = self.model.get_tokenizer() if self.has_text else None
         if tok is not None:
             tok.save(Path(save_directory) / TOKENIZER_DIR)
         return out

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from imagelm import api
 from imagelm.config import ConfigError
+from imagelm.methods import METHODS, EmbedsImageText
 from imagelm.nn.vit import ViT
 
 # any registered timm VisionTransformer entry point: every shape argument is overridden by model_args
@@ -68,13 +69,8 @@ def timm_state_dict(vit: ViT) -> dict[str, torch.Tensor]:
 
 def left_out(enc: api.Encoder) -> list[str]:
     """What of the run the exported vision encoder does not carry."""
-    out = ["the final LayerNorm (features are read before it, as imagelm eval reads them)"]
-    if enc.method_name == "beit3":
-        out.append("the Multiway language and vision-language experts, text embeddings and tokenizer (BEiT-3's "
-                   "vision path is exported: attention plus the vision FFN expert of every block)")
-    if enc.method_name in ("clip", "lcl"):
-        out.append(f"{enc.method_name}'s text model, projections and heads (the image tower is exported)")
-    return out
+    note = METHODS[enc.method_name].export_leaves_out
+    return ["the final LayerNorm (features are read before it, as imagelm eval reads them)"] + ([note] if note else [])
 
 
 def to_timm(enc: api.Encoder, out: Path, run: Path) -> dict:
@@ -237,7 +233,7 @@ enc = imagelm.load("DIR")                # or imagelm.api.Encoder.from_pretraine
 features = enc(enc.preprocess(images))   # images: uint8 or [0, 1] float (B, C, H, W), or PIL
 ```
 """
-        if enc.method_name == "clip":
+        if isinstance(enc.model, EmbedsImageText):
             usage += "\nWith the text tower: `enc.encode_text([\"a sneaker\"])`, `enc.zero_shot(images, names)`.\n"
         elif enc.has_text:
             usage += "\nWith the language path: `enc.encode_text([\"a sneaker\"])` (no space shared with images).\n"

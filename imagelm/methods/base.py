@@ -25,6 +25,7 @@ class Method(nn.Module):
     Config: ClassVar[type]
     couples_samples: ClassVar[bool] = False      # the loss pairs samples of the batch (contrastive)
     bench_ablations: ClassVar[dict] = {}         # `imagelm bench`: {key_speedup: config changes} timed against it
+    export_leaves_out: ClassVar[str] = ""        # what an export of the vision encoder alone (timm, ONNX) drops
     encoder: nn.Module
     noise_dim: int = 0
 
@@ -45,6 +46,22 @@ class ReadsText(Protocol):
     def load_tokenizer(self, run_dir, texts=None, log=print) -> None: ...
 
     def tokenize(self, texts: list[str]) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ExportsText(Protocol):
+    """keeps its text path in an exported encoder (`imagelm export --to hf`, `imagelm.load`)"""
+    def export_parts(self) -> tuple[str, ...]:
+        """Its own parts (children, parameters) the text path needs; an export drops the rest."""
+        ...
+
+    def tokenizer_setting(self) -> str:
+        """The configured text tokenizer folder ("" = the run's text_tokenizer/)."""
+        ...
+
+    def get_tokenizer(self): ...
+
+    def set_tokenizer(self, tok) -> None: ...
 
 
 @runtime_checkable

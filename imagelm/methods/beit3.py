@@ -52,6 +52,8 @@ class BEiT3Config(TokenTargets):
 @register("beit3")
 class BEiT3(Method):
     Config = BEiT3Config
+    export_leaves_out = ("the Multiway language and vision-language experts, text embeddings and tokenizer (BEiT-3's "
+                         "vision path is exported: attention plus the vision FFN expert of every block)")
 
     def __init__(self, model: ModelConfig, cfg: BEiT3Config):
         super().__init__()
@@ -99,7 +101,20 @@ class BEiT3(Method):
         return PairText(self.text_tokenizer, self.cfg.context_length, self.pool)
 
     def load_tokenizer(self, run_dir, texts: list[str] | None = None, log=print) -> None:
-        self.text_tokenizer = load_or_train(self.cfg.text_tokenizer, self.cfg.text_vocab, texts, run_dir, log)
+        self.set_tokenizer(load_or_train(self.cfg.text_tokenizer, self.cfg.text_vocab, texts, run_dir, log))
+
+    # --- an export keeps the shared blocks (all experts) and the text embeddings ----------------
+    def export_parts(self) -> tuple[str, ...]:
+        return "encoder", "text_embed", "text_pos"
+
+    def tokenizer_setting(self) -> str:
+        return self.cfg.text_tokenizer
+
+    def get_tokenizer(self):
+        return self.text_tokenizer
+
+    def set_tokenizer(self, tok) -> None:
+        self.text_tokenizer = tok
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         if self.text_tokenizer is None:

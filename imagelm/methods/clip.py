@@ -44,6 +44,7 @@ class CLIPConfig:
 class CLIP(Method):
     Config = CLIPConfig
     couples_samples = True      # InfoNCE over every pair of the global batch
+    export_leaves_out = "CLIP's text tower, projections and temperature (the image tower is exported)"
 
     def __init__(self, model: ModelConfig, cfg: CLIPConfig):
         super().__init__()
@@ -73,8 +74,20 @@ class CLIP(Method):
         return CaptionTokens(self.tokenizer, self.cfg.context_length)
 
     def load_tokenizer(self, run_dir, texts: list[str] | None = None, log=print) -> None:
-        self.tokenizer = load_or_train(self.cfg.tokenizer, self.cfg.text_vocab, texts, run_dir, log)
-        self.eot_id = self.tokenizer.eot_id
+        self.set_tokenizer(load_or_train(self.cfg.tokenizer, self.cfg.text_vocab, texts, run_dir, log))
+
+    # --- an export keeps both towers, the projections and the temperature ---------------------
+    def export_parts(self) -> tuple[str, ...]:
+        return "encoder", "text", "image_proj", "text_proj", "logit_scale"
+
+    def tokenizer_setting(self) -> str:
+        return self.cfg.tokenizer
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def set_tokenizer(self, tok) -> None:
+        self.tokenizer, self.eot_id = tok, tok.eot_id
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         if self.tokenizer is None:

@@ -53,6 +53,7 @@ class LCLConfig:
 @register("lcl")
 class LCL(Method):
     Config = LCLConfig
+    export_leaves_out = "LCL's text model, projections and heads (the image tower is exported)"
 
     @property
     def couples_samples(self) -> bool:     # its InfoNCE pairs every image of the global batch
