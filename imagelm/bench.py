@@ -138,7 +138,7 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     with torch.device(device):       # built in place: a multi-billion-parameter model inits in seconds, not minutes
         method = build_method(cfg)
     text = None
-    if isinstance(method, PreparesData):     # as the trainer: its tokenizers fitted (not timed), text laid out per sample
+    if isinstance(method, PreparesData):     # as the trainer: tokenizers fitted (untimed), text laid out per sample
         with tempfile.TemporaryDirectory(prefix="imagelm-bench-") as tmp:
             method.cpu().prepare(sources.preview(data), Path(tmp), log=lambda *a: None)
         method.to(device)

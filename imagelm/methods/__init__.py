@@ -14,7 +14,7 @@ The contract every method keeps (checked over every registered method by tests/t
   and `require(m, Cap, what)` refuses with the methods that have it, never a method's name.
 """
 from imagelm.methods.base import (METHODS, Completes, EmbedsImageText, ExportsText, ExposesLatent,  # noqa: F401
-                                  FusesImageText, HasBenchmarks, HasTimmPeer, Method, Output, PreparesData, ReadsText, TransformsText,
-                                  Reconstructs, SeparateImageTextPaths, build_method, methods_with, register,
-                                  require)
+                                  FusesImageText, HasBenchmarks, HasTimmPeer, Method, Output, PreparesData,
+                                  ReadsText, Reconstructs, SeparateImageTextPaths, TransformsText, build_method,
+                                  methods_with, register, require)
 from imagelm.methods import aim, beit, beit3, clip, igpt, lcl, mae  # noqa: E402,F401  (registers)
