@@ -16,7 +16,8 @@ from imagelm import dist, parallel
 from imagelm.config import Config
 from imagelm.data import sources
 from imagelm.data.loader import make_loader
-from imagelm.methods import HasBenchmarks, HasTimmPeer, PreparesData, TransformsText, build_method, methods_with
+from imagelm.methods import (METHODS, HasBenchmarks, HasTimmPeer, PreparesData, TransformsText, build_method,
+                             methods_with)
 from imagelm.train import check_compiler
 
 
@@ -135,15 +136,16 @@ def bench(cfg: Config, batch_size: int = 256, steps: int = 10, peer: bool = True
     bf16 = dist.bf16_supported(device)
     torch.manual_seed(0)
     data = sources.load(cfg.data, cfg.model, "train")
-    with torch.device(device):       # built in place: a multi-billion-parameter model inits in seconds, not minutes
+    # as the trainer: a method that fits tokenizers is built and prepared beside the data (untimed),
+    # then moved; any other is built in place (a multi-billion-parameter model inits in seconds, not minutes)
+    prepares = issubclass(METHODS[cfg.method], PreparesData)
+    with torch.device("cpu" if prepares else device):
         method = build_method(cfg)
-    text = None
-    if isinstance(method, PreparesData):     # as the trainer: tokenizers fitted (untimed), text laid out per sample
+    if prepares:
         with tempfile.TemporaryDirectory(prefix="imagelm-bench-") as tmp:
-            method.cpu().prepare(sources.preview(data), Path(tmp), log=lambda *a: None)
+            method.prepare(sources.preview(data), Path(tmp), log=lambda *a: None)
         method.to(device)
-    if isinstance(method, TransformsText):
-        text = method.text_transform()
+    text = method.text_transform() if isinstance(method, TransformsText) else None
     loader = make_loader(data, cfg.data, batch_size, seed=0, noise_dim=method.noise_dim, device=device, text=text)
     batches = [loader.batch(i) for i in range(5)][1:]
     _sync(device)
