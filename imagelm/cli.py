@@ -51,7 +51,8 @@ def cmd_eval(args) -> int:
 
     probes = {"all": PROBES, "none": ()}.get(args.probe, (args.probe,))
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    results = evaluate(Path(args.run), probes, args.layers, args.baselines, args.finetune, args.overrides,
+    baselines = [b for b in config.BASELINES if b in (args.baselines or ()) or b in (args.baseline or ())]
+    results = evaluate(Path(args.run), probes, args.layers, baselines, args.finetune, args.overrides,
                        args.zero_shot, args.retrieval, args.itm, args.split, log=log)
     if args.json:
         print(json.dumps(results))
@@ -244,7 +245,9 @@ def main(argv=None) -> int:
     s.add_argument("--itm", action="store_true",
                    help="fusion encoders (beit3): image-text matching, fine-tuned on scenes with hard negatives")
     s.add_argument("--layers", default="all", type=layer_spec, help="layers for the linear sweep: all, last:N or 1,3,5")
-    s.add_argument("--baselines", action="store_true", help="also probe raw pixels and the random-init encoder")
+    s.add_argument("--baselines", action="store_const", const=config.BASELINES,
+                   help=f"also probe the baselines: {' and '.join(config.BASELINES)}")
+    s.add_argument("--baseline", action="append", choices=config.BASELINES, help="also probe this one baseline")
     s.add_argument("--finetune", action="store_true", help="also fine-tune end to end with a classifier (eval.finetune_* "
                    "keys: epochs, lr, images for low-data, gen_weight to keep the pretraining loss)")
     s.add_argument("--split", choices=["test", "val"], default="test",

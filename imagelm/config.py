@@ -45,6 +45,7 @@ NON_EMPTY = Check(lambda v: len(v) > 0, "hold at least one value")
 ORDERED = Check(lambda v: v[0] <= v[1], "be ordered [low, high]")
 LAYERS = Check(lambda v: re.fullmatch(r"all|last:[1-9][0-9]*|[0-9]+(,[0-9]+)*", v) is not None,
                "be 'all', 'last:N' (N >= 1) or comma-separated layer numbers like 1,3,5")
+BASELINES = ("random_init", "raw_pixels")   # eval's: the same encoder untrained; no encoder (standardised pixels)
 Rule = tuple[Callable[[Any], bool], str]      # a rule between a section's fields; {w} in its words = "section."
 Unit = Annotated[float, between(0, 1, lo_open=True)]       # (0, 1]
 Beta = Annotated[float, between(0, 1, hi_open=True)]       # [0, 1)

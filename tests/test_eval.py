@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from conftest import needs_fmnist, tiny_cfg
@@ -121,6 +122,18 @@ def test_attentive_probe_equals_batchnorm_then_attention_pool():
             probe.norm.running_mean, bn.running_mean)
 
 
+def test_attentive_probe_trains_on_a_few_images():
+    """10 epochs of one batch (a fit set of <= 256 images), or fewer steps: OneCycleLR's default
+    warmup would be under one step (a division by zero)."""
+    x, y = _blobs(200)
+    tokens = x[:, None, :].expand(-1, 3, -1) + 0.1 * torch.randn(200, 3, 16)        # (N, K, D)
+    for epochs in (10, 2, 1):
+        probe = P.train_attentive(tokens, y, 4, epochs, 1e-2, heads=4)
+        assert not probe.training and P.predict(probe, tokens).shape == (200, 4)
+        if epochs == 10:
+            assert P.accuracy(P.predict(probe, tokens), y) > 0.5
+
+
 def test_logistic_objective_gradient_equals_autograd():
     import torch.nn.functional as F
 
@@ -240,6 +253,21 @@ def test_eval_cli_json_with_baselines(tmp_path, capsys, monkeypatch):
     from imagelm.viz import plot_layers   # results merged from older evaluations lack some sweeps
     del kept["random_init"]["knn"]["per_layer"]
     assert plot_layers(tmp_path, kept).exists()
+
+
+def test_eval_probes_only_the_baseline_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGELM_CACHE", str(tmp_path / "cache"))
+    Trainer(tiny_cfg("train.steps=2"), tmp_path, progress=False).fit()
+    capsys.readouterr()
+    quick = ["--probe", "knn", "--layers", "1", "--json"]
+    assert main(["eval", str(tmp_path), "--baseline", "raw_pixels", *quick]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert "knn" in res["raw_pixels"] and "random_init" not in res
+    assert main(["eval", str(tmp_path), "--baseline", "random_init", *quick]) == 0
+    assert "knn" in json.loads(capsys.readouterr().out)["random_init"]
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path), "--baseline", "imagenet"])
+    assert "invalid choice: 'imagenet'" in capsys.readouterr().err
 
 
 def test_finetune_learns_and_eval_takes_only_eval_overrides(tmp_path):

@@ -15,7 +15,7 @@ from imagelm.cache import cache_dir
 from imagelm.data import sources
 from imagelm.eval import features as feats
 from imagelm.eval import probe as P
-from imagelm.config import ConfigError, apply_overrides, from_dict, to_plain
+from imagelm.config import BASELINES, ConfigError, apply_overrides, from_dict, to_plain
 from imagelm.methods import (EmbedsImageText, ExposesLatent, FusesImageText, ReadsText, SeparateImageTextPaths,
                              build_method, require)
 from imagelm.train import load_run_config
@@ -83,12 +83,16 @@ def _figures(r: dict) -> str:
     return ", ".join(f"{name} {r[k]:.4f}" for name, k in (("val", "val_acc"), ("test", "acc")) if k in r)
 
 
-def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = False, finetune: bool = False,
+def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines=(), finetune: bool = False,
              overrides: list[str] = (), zero_shot: bool = False, retrieval: bool = False, itm: bool = False,
              split: str = "test", log=print) -> dict:
     """Probe (and optionally fine-tune) a run's latest checkpoint; `overrides` may change eval.* keys.
-    split="val": the figures on the held-out train images only; the test split is never read."""
+    baselines: any of BASELINES, probed alike. split="val": the figures on the held-out train
+    images only; the test split is never read."""
     run = Path(run)
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise ConfigError(f"unknown baseline(s) {', '.join(sorted(unknown))}: choose from {', '.join(BASELINES)}")
     cfg = load_run_config(run)
     bad = [o for o in overrides if not o.startswith("eval.")]
     if bad:
@@ -162,9 +166,9 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
     results = {}
     if zero_shot or retrieval or itm:
         results.update(image_text_eval(run, cfg, ref, test, zero_shot, retrieval, itm, bf16, device, log))
-    variants = [("pretrained", True)] + ([("random_init", False)] if baselines else [])
+    variants = [("pretrained", True)] + ([("random_init", False)] if "random_init" in baselines else [])
     if not probes and not finetune:
-        variants, baselines = [], False
+        variants, baselines = [], ()
     for name, load in variants:
         log(f"{name}:")
         torch.manual_seed(cfg.train.seed)       # the same init the run started from
@@ -198,7 +202,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines: bool = Fa
             results["finetune"] = r
             log(f"  finetune ({r['images']} images): {_figures(r)} "
                 f"({time.time() - t0:.0f}s)")
-    if baselines:
+    if "raw_pixels" in baselines:
         log("raw_pixels:")
         results["raw_pixels"] = cached_unless_streamed(
             lambda: cache_key(cfg.eval, probes, "pixels", sets, {"patch_size": torch.tensor(cfg.model.patch_size)}),

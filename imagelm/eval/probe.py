@@ -213,7 +213,10 @@ def train_attentive(tokens, y, classes: int, epochs: int, lr: float, heads: int 
     probe = AttentiveProbe(tokens.shape[-1], classes, heads).to(tokens.device)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd)
     steps = epochs * math.ceil(len(tokens) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    # a warmup of 10%; OneCycleLR divides by (warmup steps - 1), so a run of 10 steps or fewer (a fit
+    # set of <= 256 images at 10 epochs) warms up over 2 steps, and one of 2 steps keeps a constant lr
+    warmup = 0.1 if steps > 10 else min(0.5, 2 / steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=warmup) if steps > 2 else None
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         probe.train()
@@ -223,7 +226,8 @@ def train_attentive(tokens, y, classes: int, epochs: int, lr: float, heads: int 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched:
+                sched.step()
     return probe.eval()
 
 
