@@ -49,7 +49,9 @@ def test_a_dataset_smaller_than_val_size_still_probes():
     (x, y), (xt, yt) = _blobs(12), _blobs(20, seed=1)
     s = P.split_train(y, 5000)
     assert len(s.val) == 2 and len(s.fit) == 10
-    for r in (P.linear_probe({0: x}, y, s, 4, ({0: xt}, yt), iters=20), P.knn_probe({0: x}, y, s, 4, ({0: xt}, yt))):
+    tokens, tokens_t = x[:, None].expand(-1, 3, -1), xt[:, None].expand(-1, 3, -1)      # (N, K, D)
+    for r in (P.linear_probe({0: x}, y, s, 4, ({0: xt}, yt), iters=20), P.knn_probe({0: x}, y, s, 4, ({0: xt}, yt)),
+              P.attentive_probe(tokens, y, s, 4, (tokens_t, yt), epochs=10, heads=4)):     # 10 steps in all
         assert 0 <= r["val_acc"] <= 1 and 0 <= r["acc"] <= 1
     assert len(P.split_train(y[:2], 5000).fit) == 1
     import pytest
