@@ -22,4 +22,5 @@ run igpt-256x3 igpt-tiny train.steps=1300                                      #
 run igpt-128x6 igpt-tiny train.steps=1750 model.dim=128 model.depth=6          # 1.35x faster a step: equal time
 run lcl-w1 lcl-tiny train.steps=1200                                           # recipe: contrastive weight 1
 run lcl-w0.1 lcl-tiny train.steps=1200 lcl.contrastive_weight=0.1              # the reference's weight
+run lcl-attn lcl-tiny train.steps=1200 lcl.pool=attention                      # the paper's pooling of z
 .venv/bin/imagelm compare "${runs[@]}" --split val
