@@ -20,7 +20,7 @@ run beit-b128 beit-tiny train.steps=2000                                       #
 run beit-b256 beit-tiny train.steps=1000 train.batch_size=256 train.lr=3e-3   # the batch before, same samples
 run igpt-256x3 igpt-tiny train.steps=1300                                      # recipe: GPT 256x3
 run igpt-128x6 igpt-tiny train.steps=1750 model.dim=128 model.depth=6          # 1.35x faster a step: equal time
-run lcl-w1 lcl-tiny train.steps=1200                                           # recipe: contrastive weight 1
-run lcl-w0.1 lcl-tiny train.steps=1200 lcl.contrastive_weight=0.1              # the reference's weight
-run lcl-attn lcl-tiny train.steps=1200 lcl.pool=attention                      # the paper's pooling of z
+run lcl-w1 lcl-tiny train.steps=1200 lcl.contrastive_weight=1                # the weight chosen before, on test
+run lcl-w0.1 lcl-tiny train.steps=1200 lcl.contrastive_weight=0.1              # recipe: the reference's weight
+run lcl-attn lcl-tiny train.steps=1200 lcl.contrastive_weight=0.1 lcl.pool=attention   # the paper's pooling of z
 .venv/bin/imagelm compare "${runs[@]}" --split val
