@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
 from typing import Callable, Iterator
 
 import numpy as np
@@ -231,13 +230,6 @@ def _join(parts: list[dict], device: torch.device | None = None) -> dict:
             "skipped": sum(b["skipped"] for b in parts), "error": ""}
 
 
-def _outlive_sigterm(worker_id: int) -> None:
-    """A cluster's preemption signals every process of the job. A worker killed by it would fail the
-    trainer mid-step (torch reports a lost worker), before its own SIGTERM handler can finish the
-    step and checkpoint; so workers ignore it, and stop when the trainer shuts them down (or exits)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class StreamLoader:
     """The trainer's loader for streamed data: `batch(step)` from worker processes that prefetch
     the following steps; asking for another step than the next restarts them there. `text`: the
@@ -265,7 +257,7 @@ class StreamLoader:
         plan = _Plan(self.data, self.cfg, self.global_batch, self.seed, self.rank, self.world, self.text)
         kw = dict(batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda")
         if self.workers:
-            kw.update(prefetch_factor=self.cfg.prefetch, persistent_workers=False, worker_init_fn=_outlive_sigterm)
+            kw.update(prefetch_factor=self.cfg.prefetch, persistent_workers=False)
         if isinstance(self.data, ShardSet):
             dl = torch.utils.data.DataLoader(ShardSteps(plan, step, self.workers), **kw)
         else:
