@@ -54,7 +54,6 @@ def test_a_dataset_smaller_than_val_size_still_probes():
               P.attentive_probe(tokens, y, s, 4, (tokens_t, yt), epochs=10, heads=4)):     # 10 steps in all
         assert 0 <= r["val_acc"] <= 1 and 0 <= r["acc"] <= 1
     assert len(P.split_train(y[:2], 5000).fit) == 1
-    import pytest
     with pytest.raises(ValueError, match="at least 2"):
         P.split_train(y[:1], 5000)
 

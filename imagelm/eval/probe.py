@@ -214,7 +214,7 @@ def train_attentive(tokens, y, classes: int, epochs: int, lr: float, heads: int 
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd)
     steps = epochs * math.ceil(len(tokens) / batch_size)
     # a warmup of 10%; OneCycleLR divides by (warmup steps - 1), so a run of 10 steps or fewer (a fit
-    # set of <= 256 images at 10 epochs) warms up over 2 steps, and one of 2 steps keeps a constant lr
+    # set of <= 256 images at 10 epochs) warms up over 2 steps, and one of 1 or 2 keeps a constant lr
     warmup = 0.1 if steps > 10 else min(0.5, 2 / steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=warmup) if steps > 2 else None
     g = torch.Generator().manual_seed(seed)
