@@ -42,7 +42,9 @@ def cmd_pretrain(args) -> int:
     out = Path(args.out or f"runs/{Path(args.recipe).stem}")
     cfg = config.load(args.recipe, args.overrides)
     from imagelm.train import Trainer    # after the config: a bad one is reported without importing torch
+    from imagelm import dist
     Trainer(cfg, out, minutes=args.minutes, resume=args.resume, progress=not args.no_progress).fit()
+    dist.close()
     return 0
 
 

@@ -22,6 +22,12 @@ def init() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def close() -> None:
+    """End of a torchrun job: release the process group (NCCL warns, and may hang at exit, without it)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_initialized()
 
