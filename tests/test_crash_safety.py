@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -50,10 +51,11 @@ def same_run(a: Path, b: Path) -> None:
     assert losses(a) == losses(b)
 
 
-def run_pretrain(run: Path, before: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`imagelm pretrain` of the tiny recipe in a new process, after the Python in `before` (which
-    arranges the accident); same threads as this process, so its arithmetic is bit-identical."""
-    recipe = config.apply_overrides(copy.deepcopy(TINY), list(ARGS))
+def run_pretrain(run: Path, before: str, timeout: float = 120, overrides=()) -> subprocess.CompletedProcess:
+    """`imagelm pretrain` of the tiny recipe in a new process (and process group), after the Python
+    in `before` (which arranges the accident); same threads as this process, so its arithmetic is
+    bit-identical."""
+    recipe = config.apply_overrides(copy.deepcopy(TINY), [*ARGS, *overrides])
     (run.parent / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     script = textwrap.dedent(f"""
         import os, signal, sys
@@ -65,8 +67,31 @@ def run_pretrain(run: Path, before: str, timeout: float = 120) -> subprocess.Com
         from imagelm.cli import main
         sys.exit(main(["pretrain", {str(run.parent / 'recipe.yaml')!r}, "--out", {str(run)!r}, "--no-progress"]))
     """)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
-                          cwd=run.parent, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return run_python(script, timeout, cwd=run.parent)
+
+
+def run_python(script: str, timeout: float, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run of `python -c script` in a new process group (its pid is the result's `.pid`);
+    a run past `timeout` is killed, with whatever it started."""
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True, **kw) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    done = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    done.pid = p.pid
+    return done
+
+
+def survivors(p: subprocess.CompletedProcess) -> bool:
+    """Whether a process of a finished run's process group (a loader worker) is still alive."""
+    try:
+        os.killpg(p.pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_is_bit_exact(tmp_path, reference):
@@ -110,6 +135,48 @@ def test_sigterm_checkpoints_exits_0_and_resume_is_bit_exact(tmp_path, reference
     assert state["step"] == 3 and state["total"] == 6      # the step in flight finished, then a checkpoint
     assert main(["pretrain", str(run / "config.yaml"), "--out", str(run), "--resume", "--no-progress"]) == 0
     same_run(run, reference)
+
+
+def test_sigterm_to_the_process_group_spares_the_loader_workers(tmp_path):
+    """A cluster's preemption signals every process of the job, DataLoader workers included: they
+    must not die of it (the trainer would fail on a lost worker), so the run still checkpoints."""
+    from test_stream import make_folder
+
+    make_folder(tmp_path / "f", size=8)
+    run = tmp_path / "run"
+    p = run_pretrain(run, """
+        step = Trainer.train_step
+        def preempted_at_3(self, s):
+            if s == 2:      # from another process: a worker exits quietly on its parent's SIGTERM
+                import subprocess, time
+                subprocess.run([sys.executable, "-c", f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"])
+                time.sleep(0.5)
+            return step(self, s)
+        Trainer.train_step = preempted_at_3
+    """, overrides=("data.dataset=folder", f"data.root={tmp_path / 'f'}", "data.workers=2"))
+    assert p.returncode == 0, p.stderr
+    assert "stopped by SIGTERM" in p.stdout and "Traceback" not in p.stderr
+    assert checkpoint.load_state(checkpoint.latest(run / "checkpoints", state=True))["step"] == 3
+    assert not survivors(p), "the trainer's exit left loader workers running"
+
+
+def test_a_process_that_exits_with_its_loader_open_stops_the_workers(tmp_path):
+    """Workers that take SIGTERM only from their parent still stop when the parent exits without
+    closing its loader (multiprocessing terminates them, then waits for them)."""
+    from test_stream import make_folder
+
+    make_folder(tmp_path / "f", size=8)
+    script = textwrap.dedent(f"""
+        from imagelm.config import DataConfig, ModelConfig
+        from imagelm.data import sources
+        from imagelm.data.stream import StreamLoader
+        c = DataConfig(dataset="folder", root={str(tmp_path / 'f')!r}, workers=2)
+        loader = StreamLoader(sources.load(c, ModelConfig(img_size=8, patch_size=2, in_chans=1), "train"), c, 4, seed=0)
+        loader.batch(0)                # a module global: still open at exit
+    """)
+    p = run_python(script, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert not survivors(p)
 
 
 def full_disk_at(step: int):

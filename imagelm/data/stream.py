@@ -18,7 +18,10 @@ samples (whole epochs by the shard counts, then headers only)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import signal
+import threading
 from typing import Callable, Iterator
 
 import numpy as np
@@ -230,6 +233,38 @@ def _join(parts: list[dict], device: torch.device | None = None) -> dict:
             "skipped": sum(b["skipped"] for b in parts), "error": ""}
 
 
+@contextlib.contextmanager
+def _sigterm_held():
+    """SIGTERM waits (is blocked in this thread) while loader workers are forked: they start with
+    it blocked, threads they make before `_take_sigterm_from_parent_only` included."""
+    if not hasattr(signal, "sigwaitinfo"):       # macOS: torch's handling as it is
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)    # one sent meanwhile is delivered now
+
+
+def _take_sigterm_from_parent_only(worker_id: int) -> None:
+    """A cluster's preemption sends SIGTERM to every process of the job. torch's worker dies of one
+    not sent by its parent, and the trainer then fails mid-step on a lost worker, before it can
+    checkpoint. So a worker takes SIGTERM only from the trainer (which stops its workers with it, as
+    torch's own handler assumes): blocked in every thread, it is read with its sender's pid here."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # already, where the worker was forked
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm", daemon=True).start()
+
+
 class StreamLoader:
     """The trainer's loader for streamed data: `batch(step)` from worker processes that prefetch
     the following steps; asking for another step than the next restarts them there. `text`: the
@@ -257,12 +292,15 @@ class StreamLoader:
         plan = _Plan(self.data, self.cfg, self.global_batch, self.seed, self.rank, self.world, self.text)
         kw = dict(batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda")
         if self.workers:
-            kw.update(prefetch_factor=self.cfg.prefetch, persistent_workers=False)
+            kw.update(prefetch_factor=self.cfg.prefetch, persistent_workers=False,
+                      worker_init_fn=_take_sigterm_from_parent_only)
         if isinstance(self.data, ShardSet):
             dl = torch.utils.data.DataLoader(ShardSteps(plan, step, self.workers), **kw)
         else:
             dl = torch.utils.data.DataLoader(MapSteps(plan), sampler=range(step, 2 ** 62), **kw)
-        self._it, self._next = iter(dl), step
+        with _sigterm_held():
+            self._it = iter(dl)
+        self._next = step
 
     def _parts(self, step: int) -> list[dict]:
         if self._it is None or step != self._next:
