@@ -23,7 +23,7 @@ def init() -> tuple[int, int, torch.device]:
 
 
 def close() -> None:
-    """End of a torchrun job: release the process group (NCCL warns, and may hang at exit, without it)."""
+    """End of a torchrun job: release the process group, as PyTorch asks (NCCL warns without it)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -69,7 +69,7 @@ def _rank_main(rank: int, world: int, port: int, worker, args: tuple) -> None:
     worker(rank, world, *args)
     # A rank whose work is done leaves without Python's teardown: gloo's worker thread can free the
     # tensors of a finished collective after finalization has begun, and that aborts the rank
-    # (pytorch/pytorch#179291, one run in ~15 of the CLIP test on 2 cores).
+    # (the race pytorch/pytorch#179291 describes; one run in ~15 of the CLIP test on 2 cores).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
