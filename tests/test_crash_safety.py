@@ -137,6 +137,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_is_bit_exact(tmp_path, reference
     same_run(run, reference)
 
 
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="macOS: torch's own SIGTERM handling in workers")
 def test_sigterm_to_the_process_group_spares_the_loader_workers(tmp_path):
     """A cluster's preemption signals every process of the job, DataLoader workers included: they
     must not die of it (the trainer would fail on a lost worker), so the run still checkpoints."""
