@@ -233,11 +233,14 @@ def _join(parts: list[dict], device: torch.device | None = None) -> dict:
             "skipped": sum(b["skipped"] for b in parts), "error": ""}
 
 
+_SIGWAITINFO = hasattr(signal, "sigwaitinfo")     # not on macOS: there torch's SIGTERM handling as it is
+
+
 @contextlib.contextmanager
 def _sigterm_held():
     """SIGTERM waits (is blocked in this thread) while loader workers are forked: they start with
     it blocked, threads they make before `_take_sigterm_from_parent_only` included."""
-    if not hasattr(signal, "sigwaitinfo"):       # macOS: torch's handling as it is
+    if not _SIGWAITINFO:
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -252,7 +255,7 @@ def _take_sigterm_from_parent_only(worker_id: int) -> None:
     not sent by its parent, and the trainer then fails mid-step on a lost worker, before it can
     checkpoint. So a worker takes SIGTERM only from the trainer (which stops its workers with it, as
     torch's own handler assumes): blocked in every thread, it is read with its sender's pid here."""
-    if not hasattr(signal, "sigwaitinfo"):
+    if not _SIGWAITINFO:
         return
     trainer = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # already, where the worker was forked
