@@ -123,6 +123,29 @@ def test_attentive_probe_equals_batchnorm_then_attention_pool():
             probe.norm.running_mean, bn.running_mean)
 
 
+def test_attentive_probes_trained_together_equal_each_trained_alone():
+    x, y = _blobs(300)
+    tokens = x[:, None, :].expand(-1, 5, -1) + 0.3 * torch.randn(300, 5, 16)       # (N, K, D)
+    lrs = (1e-3, 3e-3, 1e-2)
+    together = P.train_attentive(tokens, y, 4, 3, lrs, heads=4, batch_size=64)
+    for lr, probe in zip(lrs, together):
+        alone = P.train_attentive(tokens, y, 4, 3, lr, heads=4, batch_size=64)
+        for (name, a), b in zip(probe.state_dict().items(), alone.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5), (lr, name)
+    assert not torch.allclose(together[0].fc.weight, together[2].fc.weight, atol=1e-3)   # each its own lr
+
+
+def test_attentive_probe_casts_tokens_once_or_batch_by_batch_alike(monkeypatch):
+    """bf16 tokens go to fp32 up front when the copy is small, batch by batch when it is not."""
+    x, y = _blobs(300)
+    tokens = (x[:, None, :].expand(-1, 5, -1) + 0.3 * torch.randn(300, 5, 16)).to(torch.bfloat16)
+    up_front = P.train_attentive(tokens, y, 4, 2, 1e-2, heads=4, batch_size=64)
+    monkeypatch.setattr(P, "FP32_TOKENS_MAX_BYTES", 0)
+    per_batch = P.train_attentive(tokens, y, 4, 2, 1e-2, heads=4, batch_size=64)
+    for a, b in zip(up_front.state_dict().values(), per_batch.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
 def test_attentive_probe_trains_on_a_few_images():
     """10 epochs of one batch (a fit set of <= 256 images), or fewer steps: OneCycleLR's default
     warmup would be under one step (a division by zero)."""
@@ -140,13 +163,15 @@ def test_logistic_objective_gradient_equals_autograd():
 
     x, y = _blobs(300)
     clf = torch.nn.Linear(16, 4)
-    loss = P._Objective(x, y, 4)(clf, 1e-2)
-    grads = clf.weight.grad.clone(), clf.bias.grad.clone()
-    clf.zero_grad()
     ref = F.cross_entropy(clf(x), y) + 0.5 * 1e-2 * clf.weight.pow(2).sum()
     ref.backward()
-    assert torch.allclose(loss, ref, atol=1e-6)
-    assert torch.allclose(grads[0], clf.weight.grad, atol=1e-6) and torch.allclose(grads[1], clf.bias.grad, atol=1e-6)
+    ref_grads = clf.weight.grad.clone(), clf.bias.grad.clone()
+    for block in (8192, 128):       # one block, or three (the last one short)
+        clf.zero_grad()
+        loss = P._Objective(x, y, 4, block=block)(clf, 1e-2)
+        assert torch.allclose(loss, ref, atol=1e-6)
+        assert torch.allclose(clf.weight.grad, ref_grads[0], atol=1e-6)
+        assert torch.allclose(clf.bias.grad, ref_grads[1], atol=1e-6)
 
 
 def test_linear_probe_carries_a_strength_chosen_on_a_subsample_over_to_all_of_fit():

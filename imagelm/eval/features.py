@@ -58,9 +58,12 @@ def extract(encoder, data: ImageData, layers: list[int], token_layers: list[int]
         with amp:
             outs = dict(zip(want, encoder.features(x, want)))
         for l in layers:
-            pooled[l].append(outs[l].float().mean(dim=1).cpu())
-        if token_layers:
-            tokens.append(torch.stack([outs[l].float() for l in token_layers]).mean(0).to(torch.bfloat16).cpu())
+            pooled[l].append(outs[l].mean(dim=1, dtype=torch.float32).cpu())
+        if token_layers:     # summed in fp32 in place: no stacked copy of the band
+            band = outs[token_layers[0]].to(torch.float32, copy=True)
+            for l in token_layers[1:]:
+                band += outs[l]
+            tokens.append(band.div_(len(token_layers)).to(torch.bfloat16).cpu())
     return Features({l: torch.cat(v) for l, v in pooled.items()}, torch.cat(tokens) if tokens else None,
                     _labels(labels))
 
