@@ -253,7 +253,8 @@ class _Together(nn.Module):
 
     def forward(self, x: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x.float()
-        mean, scale = [p.stats(x, sums) for p in self.probes][0]     # equal: one batch (each updates its own)
+        stats = [p.stats(x, sums) for p in self.probes]     # equal (one batch); each keeps its running ones
+        mean, scale = stats[0]
         keys = torch.cat([p.keys(scale) for p in self.probes])                         # (P*h, D)
         pooled = (x @ keys.T).softmax(1).transpose(1, 2) @ x                           # (B, P*h, D)
         parts = pooled.split(self.probes[0].pool.heads, dim=1)
@@ -289,7 +290,8 @@ def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[flo
             idx = idx.to(tokens.device)      # index_select: ~10x faster than tokens[idx] on CPU
             logits = model(tokens.index_select(0, idx), tuple(s.index_select(0, idx) for s in sums))   # (B, P, C)
             target = y.index_select(0, idx)[:, None].expand(-1, len(probes))
-            loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(0).sum()   # per probe
+            # each probe's mean loss, summed: each gets the gradient of its own
+            loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(0).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
