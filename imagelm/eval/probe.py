@@ -265,7 +265,8 @@ def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[flo
                     batch_size: int = 256, wd: float = 0.05, seed: int = 0) -> AttentiveProbe | list[AttentiveProbe]:
     """AdamW with a one-cycle (warmup + cosine) schedule on frozen tokens (N, K, D): one probe, or
     one per learning rate in `lrs` (trained together: the same init and batches, as if alone)."""
-    rates = (lrs,) if isinstance(lrs, (int, float)) else tuple(lrs)
+    single = isinstance(lrs, (int, float))
+    rates = (lrs,) if single else tuple(lrs)
     probes = []
     for _ in rates:
         torch.manual_seed(seed)
@@ -298,7 +299,7 @@ def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[flo
             if sched:
                 sched.step()
     model.eval()
-    return probes if not isinstance(lrs, (int, float)) else probes[0]
+    return probes[0] if single else probes
 
 
 @torch.inference_mode()
