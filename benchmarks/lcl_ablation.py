@@ -4,7 +4,7 @@ every vision encoder probed by `imagelm eval`. Prints one table (probe accuracie
 effective rank of the pooled features and of LCL's latent z as the collapse indicator) and saves
 benchmarks/results/lcl_ablation.{json,png}.
 
-    .venv/bin/python benchmarks/lcl_ablation.py --minutes 4          # ~25 min on 2 cores
+    .venv/bin/python benchmarks/lcl_ablation.py --minutes 3          # ~30 min on 2 cores
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ RUNS = {   # name -> pretrain arguments
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=4.0, help="pretraining wall time per run")
+    ap.add_argument("--minutes", type=float, default=3.0, help="pretraining wall time per run")
     ap.add_argument("--root", default="runs/lcl-ablation")
     ap.add_argument("--only", nargs="*", help="a subset of: " + ", ".join(RUNS))
     args = ap.parse_args()
