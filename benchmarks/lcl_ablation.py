@@ -4,7 +4,7 @@ every vision encoder probed by `imagelm eval`. Prints one table (probe accuracie
 effective rank of the pooled features and of LCL's latent z as the collapse indicator) and saves
 benchmarks/results/lcl_ablation.{json,png}.
 
-    .venv/bin/python benchmarks/lcl_ablation.py --minutes 3          # ~30 min on 2 cores
+    .venv/bin/python benchmarks/lcl_ablation.py --minutes 3          # ~22 min on 2 cores
 """
 from __future__ import annotations
 
