@@ -219,13 +219,17 @@ class AttentiveProbe(nn.Module):
     def pooled(self, x: torch.Tensor, mean: torch.Tensor | float = 0.0, scale: torch.Tensor | float = 1.0
                ) -> torch.Tensor:
         """AttentionPool of the tokens (x - mean) * scale, x (B, N, D) -> (B, D)."""
-        a = (x @ self.keys(scale).T).softmax(1)                                     # (B, N, h)
-        return self.values(a.transpose(1, 2) @ x, mean, scale)
+        return self.values(attend(x, self.keys(scale)), mean, scale)
 
     def forward(self, tokens: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """fp32 throughout: a few MFLOP per batch, where bf16 casts of the tokens would cost more."""
         x = tokens.float()
         return self.fc(self.pooled(x, *self.stats(x, sums)))
+
+
+def attend(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Each head's attention-weighted token, its logits keys . x: x (B, N, D), keys (h, D) -> (B, h, D)."""
+    return (x @ keys.T).softmax(1).transpose(1, 2) @ x
 
 
 def token_sums(tokens: torch.Tensor, block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,8 +260,7 @@ class _Together(nn.Module):
         stats = [p.stats(x, sums) for p in self.probes]     # equal (one batch); each keeps its running ones
         mean, scale = stats[0]
         keys = torch.cat([p.keys(scale) for p in self.probes])                         # (P*h, D)
-        pooled = (x @ keys.T).softmax(1).transpose(1, 2) @ x                           # (B, P*h, D)
-        parts = pooled.split(self.probes[0].pool.heads, dim=1)
+        parts = attend(x, keys).split(self.probes[0].pool.heads, dim=1)                # P x (B, h, D)
         return torch.stack([p.fc(p.values(part, mean, scale)) for p, part in zip(self.probes, parts)], 1)  # (B, P, C)
 
 
