@@ -41,9 +41,10 @@ def parse_layers(spec: str, depth: int) -> list[int]:
 
 def run_probes(f_train: feats.Features, y_train: torch.Tensor, split: P.Split, classes: int, probes, ecfg,
                test: tuple[feats.Features, torch.Tensor] | None = None, token_layers=None, device="cpu",
-               log=print) -> dict:
+               bf16: bool = False, log=print) -> dict:
     """Every probe makes its choices on the split's fit/val images (test is not passed to them
-    until then), then refits on fit + val and scores `test` once; with no test, val figures only."""
+    until then), then refits on fit + val and scores `test` once; with no test, val figures only.
+    bf16: the attentive probe reads its tokens in bf16."""
     y = y_train.to(device)
     f_test, y_test = test if test else (None, None)
     res, seconds = {}, {}
@@ -69,7 +70,8 @@ def run_probes(f_train: feats.Features, y_train: torch.Tensor, split: P.Split, c
         tst = (f_test.tokens.to(device), y_test) if test else None
         res["attentive"] = {**P.attentive_probe(tokens, y, split, classes, tst, ecfg.attentive_epochs,
                                                 ecfg.attentive_lrs, ecfg.attentive_heads,
-                                                select_images=ecfg.select_images, log=log),
+                                                select_images=ecfg.select_images,
+                                                token_dtype=torch.bfloat16 if bf16 else torch.float32, log=log),
                             "layers": token_layers}
         seconds["attentive"] = time.time() - t0
         log(f"  attentive {token_layers}: lr {res['attentive']['lr']:g}, {_figures(res['attentive'])} "
@@ -145,7 +147,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines=(), finetu
         y_train = f[0].labels if f[0].labels is not None else train.labels
         y_test = (f[1].labels if f[1].labels is not None else test.labels) if test is not None else None
         tst = (f[1], y_test) if test is not None else None
-        return run_probes(f[0], y_train, split_of(y_train), classes, probes, cfg.eval, tst, tok, device, log)
+        return run_probes(f[0], y_train, split_of(y_train), classes, probes, cfg.eval, tst, tok, device, bf16, log)
 
     def cached_unless_streamed(key_of, compute):
         return cached(key_of(), log, compute) if in_memory else compute()
@@ -226,7 +228,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines=(), finetu
 
 
 # bump when a change to the probes changes their figures: cached baselines are then recomputed
-PROBE_VERSION = 5
+PROBE_VERSION = 6
 
 
 def cache_key(ecfg, probes, layers, sets: list[sources.ImageData], tensors: dict[str, torch.Tensor]) -> str:

@@ -175,14 +175,21 @@ class AttentiveProbe(nn.Module):
     costs O(heads * D) instead of O(D^2). The BatchNorm folds in the same way (the normalised
     tokens are never formed): its shift is a constant of the softmax, and sum_i a_i = 1 carries it
     and the scale through the pooling. The function and its parameters are those of BatchNorm1d
-    followed by AttentionPool (tested equal)."""
+    followed by AttentionPool (tested equal).
 
-    def __init__(self, dim: int, classes: int, heads: int = 8):
+    The two matmuls that read every token (its logits, the weighted sum) run in `token_dtype`, the
+    rest in fp32. bf16 halves what a step reads. The tokens enter centred on `shift` (their mean,
+    set by train_attentive): a BatchNorm removes it anyway, and without it a channel's large mean
+    would put a shared offset into every logit, which bf16 would round at the offset's scale."""
+
+    def __init__(self, dim: int, classes: int, heads: int = 8, token_dtype: torch.dtype = torch.float32):
         super().__init__()
         heads = math.gcd(heads, dim)
         self.norm = nn.BatchNorm1d(dim, affine=False)     # holds the running statistics
         self.pool = AttentionPool(dim, heads)
         self.fc = nn.Linear(dim, classes)
+        self.register_buffer("shift", torch.zeros(dim))
+        self.token_dtype = token_dtype
 
     def stats(self, x: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,14 +229,16 @@ class AttentiveProbe(nn.Module):
         return self.values(attend(x, self.keys(scale)), mean, scale)
 
     def forward(self, tokens: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """fp32 throughout: a few MFLOP per batch, where bf16 casts of the tokens would cost more."""
-        x = tokens.float()
+        """Logits (B, C) of tokens (B, N, D) as extracted; sums: those of the centred tokens."""
+        x = centred(tokens, self.shift, self.token_dtype)
         return self.fc(self.pooled(x, *self.stats(x, sums)))
 
 
 def attend(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Each head's attention-weighted token, its logits keys . x: x (B, N, D), keys (h, D) -> (B, h, D)."""
-    return (x @ keys.T).softmax(1).transpose(1, 2) @ x
+    """Each head's attention-weighted token, its logits keys . x: x (B, N, D), keys (h, D) -> (B, h, D)
+    fp32. The matmuls run in x's dtype, the softmax in fp32."""
+    a = (x @ keys.T.to(x.dtype)).softmax(1, dtype=torch.float32).to(x.dtype)        # (B, N, h)
+    return (a.transpose(1, 2) @ x).float()
 
 
 def token_sums(tokens: torch.Tensor, block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,9 +250,29 @@ def token_sums(tokens: torch.Tensor, block: int = 512) -> tuple[torch.Tensor, to
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-# train_attentive converts the tokens to fp32 once when the copy is at most this size (60k images x
-# 49 x 192 is 2.3 GB), and batch by batch beyond it
-FP32_TOKENS_MAX_BYTES = 4 << 30
+def centred(tokens: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the attentive probe reads: tokens - shift, in dtype."""
+    return (tokens.float() - shift).to(dtype)
+
+
+def centre(tokens: torch.Tensor, dtype: torch.dtype | None = None, block: int = 512):
+    """The tokens' (N, K, D) mean (D,) and token_sums of the centred tokens, and with dtype the
+    centred tokens in it (else None), in blocks as token_sums: (shift, sums, centred)."""
+    shift = sum(t.float().sum((0, 1)) for t in tokens.split(block)) / (tokens.shape[0] * tokens.shape[1])
+    out = None if dtype is None else torch.empty(tokens.shape, dtype=dtype, device=tokens.device)
+    s1, s2 = [], []
+    for i in range(0, len(tokens), block):
+        c = tokens[i:i + block].float() - shift
+        s1.append(c.sum(1))
+        s2.append(c.square().sum(1))
+        if out is not None:
+            out[i:i + block] = c
+    return shift, (torch.cat(s1), torch.cat(s2)), out
+
+
+# train_attentive keeps a centred copy of the tokens in the probes' token dtype when it is at most
+# this size (60k images x 49 x 192 is 2.3 GB in fp32), and beyond it centres them batch by batch
+TOKEN_COPY_MAX_BYTES = 4 << 30
 
 
 class _Together(nn.Module):
@@ -256,7 +285,7 @@ class _Together(nn.Module):
         self.probes = nn.ModuleList(probes)
 
     def forward(self, x: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x.float()
+        """x: the centred tokens (B, N, D) in the probes' token dtype, sums: theirs."""
         stats = [p.stats(x, sums) for p in self.probes]     # equal (one batch); each keeps its running ones
         mean, scale = stats[0]
         keys = torch.cat([p.keys(scale) for p in self.probes])                         # (P*h, D)
@@ -265,15 +294,24 @@ class _Together(nn.Module):
 
 
 def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[float, ...], heads: int = 8,
-                    batch_size: int = 256, wd: float = 0.05, seed: int = 0) -> AttentiveProbe | list[AttentiveProbe]:
+                    batch_size: int = 256, wd: float = 0.05, seed: int = 0, token_dtype: torch.dtype = torch.float32
+                    ) -> AttentiveProbe | list[AttentiveProbe]:
     """AdamW with a one-cycle (warmup + cosine) schedule on frozen tokens (N, K, D): one probe, or
-    one per learning rate in `lrs` (trained together: the same init and batches, as if alone)."""
+    one per learning rate in `lrs` (trained together: the same init and batches, as if alone).
+    token_dtype: of the probes' matmuls over the tokens (bf16 where the hardware has it)."""
     single = isinstance(lrs, (int, float))
     rates = (lrs,) if single else tuple(lrs)
+    # per step, the BatchNorm statistics come from the images' token sums (1.4x faster a step than
+    # squaring the batch), and the batch is gathered from a centred copy where one fits
+    fits = tokens.numel() * token_dtype.itemsize <= TOKEN_COPY_MAX_BYTES
+    shift, sums, copy = centre(tokens, token_dtype if fits else None)
+    batch = (lambda idx: copy.index_select(0, idx)) if fits else \
+        (lambda idx: centred(tokens.index_select(0, idx), shift, token_dtype))
     probes = []
     for _ in rates:
         torch.manual_seed(seed)
-        probes.append(AttentiveProbe(tokens.shape[-1], classes, heads).to(tokens.device))
+        probes.append(AttentiveProbe(tokens.shape[-1], classes, heads, token_dtype).to(tokens.device))
+        probes[-1].shift.copy_(shift)
     model = _Together(probes)
     opt = torch.optim.AdamW([{"params": p.parameters(), "lr": lr} for p, lr in zip(probes, rates)], weight_decay=wd)
     steps = epochs * math.ceil(len(tokens) / batch_size)
@@ -282,17 +320,12 @@ def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[flo
     warmup = 0.1 if steps > 10 else min(0.5, 2 / steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, list(rates), total_steps=steps, pct_start=warmup) \
         if steps > 2 else None
-    # per step, the BatchNorm statistics come from the images' token sums, and the tokens are
-    # gathered from an fp32 copy where one fits: 1.4x faster a step than squaring and casting them
-    if tokens.numel() * 4 <= FP32_TOKENS_MAX_BYTES:
-        tokens = tokens.float()
-    sums = token_sums(tokens)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
         for idx in torch.randperm(len(tokens), generator=g).split(batch_size):
             idx = idx.to(tokens.device)      # index_select: ~10x faster than tokens[idx] on CPU
-            logits = model(tokens.index_select(0, idx), tuple(s.index_select(0, idx) for s in sums))   # (B, P, C)
+            logits = model(batch(idx), tuple(s.index_select(0, idx) for s in sums))   # (B, P, C)
             target = y.index_select(0, idx)[:, None].expand(-1, len(probes))
             # each probe's mean loss, summed: each gets the gradient of its own
             loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(0).sum()
@@ -312,19 +345,22 @@ def predict(probe: AttentiveProbe, tokens: torch.Tensor) -> torch.Tensor:
 
 def attentive_probe(tokens: torch.Tensor, y: torch.Tensor, split: Split, classes: int,
                     test: tuple[torch.Tensor, torch.Tensor] | None = None, epochs: int = 10, lrs=(1e-2,),
-                    heads: int = 8, batch_size: int = 256, select_images: int = 10000, log=print) -> dict:
+                    heads: int = 8, batch_size: int = 256, select_images: int = 10000,
+                    token_dtype: torch.dtype = torch.float32, log=print) -> dict:
     """Train on `select_images` of the fit images (0 = all) with each learning rate (together),
     choose the one best on val, retrain on fit + val with it and score test. Tokens are (N, K, D)."""
     sub = split.fit[:select_images] if select_images > 0 else split.fit
     val = {}
-    for lr, probe in zip(lrs, train_attentive(tokens[sub], y[sub], classes, epochs, tuple(lrs), heads, batch_size)):
+    for lr, probe in zip(lrs, train_attentive(tokens[sub], y[sub], classes, epochs, tuple(lrs), heads, batch_size,
+                                              token_dtype=token_dtype)):
         val[lr] = accuracy(predict(probe, tokens[split.val]), y[split.val])
         if len(lrs) > 1:
             log(f"    attentive lr {lr:g}: val {val[lr]:.4f}")
     lr = max(val, key=val.get)
     res = {"lr": lr, "val_acc": val[lr], "per_lr": {f"{l:g}": a for l, a in val.items()}, "select_images": len(sub)}
     if test:
-        probe = train_attentive(tokens[split.train], y[split.train], classes, epochs, lr, heads, batch_size)
+        probe = train_attentive(tokens[split.train], y[split.train], classes, epochs, lr, heads, batch_size,
+                                token_dtype=token_dtype)
         res["acc"] = accuracy(predict(probe, test[0]), test[1].to(tokens.device))
     return res
 
