@@ -252,21 +252,26 @@ def token_sums(tokens: torch.Tensor, block: int = 512) -> tuple[torch.Tensor, to
 
 def centred(tokens: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What the attentive probe reads: tokens - shift, in dtype."""
-    return (tokens.float() - shift).to(dtype)
+    return (tokens - shift).to(dtype)      # one fp32 temporary: bf16 - fp32 promotes
 
 
 def centre(tokens: torch.Tensor, dtype: torch.dtype | None = None, block: int = 512):
     """The tokens' (N, K, D) mean (D,) and token_sums of the centred tokens, and with dtype the
-    centred tokens in it (else None), in blocks as token_sums: (shift, sums, centred)."""
-    shift = sum(t.float().sum((0, 1)) for t in tokens.split(block)) / (tokens.shape[0] * tokens.shape[1])
+    centred tokens in it (else None): (shift, sums, centred). Block by block through one fp32
+    buffer: fresh temporaries for each block (page-faulted memory) made this 5x slower."""
+    buf = torch.empty((min(block, len(tokens)), *tokens.shape[1:]), device=tokens.device)
+    total = buf.new_zeros(tokens.shape[-1])
+    for t in tokens.split(block):
+        total += buf[:len(t)].copy_(t).sum((0, 1))
+    shift = total / (tokens.shape[0] * tokens.shape[1])
     out = None if dtype is None else torch.empty(tokens.shape, dtype=dtype, device=tokens.device)
     s1, s2 = [], []
-    for i in range(0, len(tokens), block):
-        c = tokens[i:i + block].float() - shift
+    for i, t in zip(range(0, len(tokens), block), tokens.split(block)):
+        c = buf[:len(t)].copy_(t).sub_(shift)
         s1.append(c.sum(1))
-        s2.append(c.square().sum(1))
         if out is not None:
             out[i:i + block] = c
+        s2.append(c.square_().sum(1))
     return shift, (torch.cat(s1), torch.cat(s2)), out
 
 
