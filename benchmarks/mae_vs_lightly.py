@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from imagelm import config
+from imagelm import config, dist
 from imagelm.data import sources
 from imagelm.eval import parse_layers, rows_table, run_probes
 from imagelm.eval.features import extract
+from imagelm.eval.probe import split_train
 
 
 class LightlyMAE(nn.Module):
@@ -130,9 +131,11 @@ def main() -> None:
     enc = TimmFeatures(vit)
     layers = parse_layers("all", m.depth)[1:]
     tok = parse_layers(cfg.eval.attentive_layers, m.depth)
-    f_train, f_test = (extract(enc, d, layers, tok, cfg.eval.batch_size) for d in (train, test))
-    res = run_probes(f_train, f_test, train.labels, test.labels, len(train.classes), ("linear", "attentive", "knn"),
-                     cfg.eval, tok)
+    bf16 = dist.bf16_supported(torch.device("cpu"))
+    f_train, f_test = (extract(enc, d, layers, tok, cfg.eval.batch_size, bf16) for d in (train, test))
+    split = split_train(train.labels, cfg.eval.val_size, cfg.eval.seed)     # as `imagelm eval` splits
+    res = run_probes(f_train, train.labels, split, len(train.classes), ("linear", "attentive", "knn"), cfg.eval,
+                     (f_test, test.labels), tok, bf16=bf16)
     res["img_per_s_end_to_end"] = lightly_ips
     (out / "eval" / "probes.json").write_text(json.dumps(res, indent=2))
     ours = [json.loads(line) for line in (Path(args.ours) / "metrics.jsonl").read_text().splitlines()]
