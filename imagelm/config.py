@@ -126,7 +126,7 @@ class EvalConfig:
     linear_iters: Annotated[int, POSITIVE] = 300  # L-BFGS steps per fit of the linear probe's L2 path (eval/probe.py)
     linear_wd: Annotated[tuple[Annotated[float, NON_NEGATIVE], ...], NON_EMPTY] = (1e-2, 1e-3, 1e-4, 1e-5, 0.0)
                                 # L2 strengths (for a fit on all fit images), chosen on val
-    select_images: Annotated[int, NON_NEGATIVE] = 10000   # fit images to rank layers / attentive lrs by (0 = all)
+    select_images: Annotated[int, NON_NEGATIVE] = 10000   # fit images the linear probe ranks layers by (0 = all)
     attentive_layers: Annotated[str, LAYERS] = "last:6"   # blocks averaged for the attentive probe (AIM: last 6)
     attentive_epochs: Annotated[int, POSITIVE] = 10
     attentive_lrs: Annotated[tuple[Annotated[float, POSITIVE], ...], NON_EMPTY] = (3e-3, 1e-2, 3e-2)

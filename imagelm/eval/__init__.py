@@ -70,7 +70,6 @@ def run_probes(f_train: feats.Features, y_train: torch.Tensor, split: P.Split, c
         tst = (f_test.tokens.to(device), y_test) if test else None
         res["attentive"] = {**P.attentive_probe(tokens, y, split, classes, tst, ecfg.attentive_epochs,
                                                 ecfg.attentive_lrs, ecfg.attentive_heads,
-                                                select_images=ecfg.select_images,
                                                 token_dtype=torch.bfloat16 if bf16 else torch.float32, log=log),
                             "layers": token_layers}
         seconds["attentive"] = time.time() - t0
