@@ -258,7 +258,7 @@ def centred(tokens: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> to
 def centre(tokens: torch.Tensor, dtype: torch.dtype | None = None, block: int = 512):
     """The tokens' (N, K, D) mean (D,) and token_sums of the centred tokens, and with dtype the
     centred tokens in it (else None): (shift, sums, centred). Block by block through one fp32
-    buffer: fresh temporaries for each block (page-faulted memory) made this 5x slower."""
+    buffer: fresh temporaries for each block (page-faulted memory) were several times slower."""
     buf = torch.empty((min(block, len(tokens)), *tokens.shape[1:]), device=tokens.device)
     total = buf.new_zeros(tokens.shape[-1])
     for t in tokens.split(block):
