@@ -34,9 +34,10 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         out = Path(args.root) / name
-        if not (out / "eval" / "probes.json").exists():
+        if not (out / "checkpoints").exists():
             subprocess.run(imagelm + ["pretrain", *pre, "--out", str(out), "--minutes", str(args.minutes),
                                       "--no-progress"], check=True)
+        if not (out / "eval" / "probes.json").exists():     # (delete RUN/eval to probe a trained run again)
             subprocess.run(imagelm + ["eval", str(out), "--json"], check=True, stdout=subprocess.DEVNULL)
         rows[name] = json.loads((out / "eval" / "probes.json").read_text())
     print(table(rows))
