@@ -123,6 +123,34 @@ def test_attentive_probe_equals_batchnorm_then_attention_pool():
             probe.norm.running_mean, bn.running_mean)
 
 
+def test_attentive_probes_written_out_loss_and_gradient_equal_autograd_of_the_probe():
+    """probes_loss writes out a training step of several probes on one batch: its loss and the
+    gradients it gives their parameters are autograd's through BatchNorm1d -> AttentionPool ->
+    linear, probe by probe."""
+    import copy
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    probes = [P.AttentiveProbe(24, 5, heads=4) for _ in range(2)]
+    with torch.no_grad():
+        for p in probes:
+            p.pool.kv.bias.normal_(), p.pool.query.normal_(), p.fc.weight.normal_()
+    refs = copy.deepcopy(probes)
+    x, y = torch.randn(12, 9, 24) * 3 + 1, torch.randint(0, 5, (12,))
+    idx = torch.randperm(12)[:7]
+    maps = P._Together(probes).train()(P.token_sums(x[idx]), 7 * 9)
+    loss, grads = P.probes_loss(x[idx], y[idx], *(m.detach() for m in maps))
+    torch.autograd.backward(maps, grads)
+    total = 0
+    for p, ref in zip(probes, refs):
+        xb = torch.nn.BatchNorm1d(24, affine=False)(x[idx].reshape(-1, 24)).view(7, 9, 24)
+        ref_loss = F.cross_entropy(ref.fc(ref.pool(xb)), y[idx])
+        ref_loss.backward()
+        total += ref_loss.item()
+        for (name, a), b in zip(p.named_parameters(), ref.parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    assert abs(loss.item() - total) < 1e-5
+
+
 def test_attentive_probes_trained_together_equal_each_trained_alone():
     x, y = _blobs(300)
     tokens = x[:, None, :].expand(-1, 5, -1) + 0.3 * torch.randn(300, 5, 16)       # (N, K, D)

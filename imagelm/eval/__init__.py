@@ -227,7 +227,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines=(), finetu
 
 
 # bump when a change to the probes changes their figures: cached baselines are then recomputed
-PROBE_VERSION = 6
+PROBE_VERSION = 7
 
 
 def cache_key(ecfg, probes, layers, sets: list[sources.ImageData], tensors: dict[str, torch.Tensor]) -> str:
