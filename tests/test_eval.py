@@ -137,9 +137,9 @@ def test_attentive_probes_written_out_loss_and_gradient_equal_autograd_of_the_pr
     refs = copy.deepcopy(probes)
     x, y = torch.randn(12, 9, 24) * 3 + 1, torch.randint(0, 5, (12,))
     idx = torch.randperm(12)[:7]
-    maps = P._Together(probes).train()(P.token_sums(x[idx]), 7 * 9)
-    loss, grads = P.probes_loss(x[idx], y[idx], *(m.detach() for m in maps))
-    torch.autograd.backward(maps, grads)
+    mapped = P._Together(probes).train()(P.token_sums(x[idx]), 7 * 9)
+    loss, grads = P.probes_loss(x[idx], y[idx], *(m.detach() for m in mapped))
+    torch.autograd.backward(mapped, grads)
     total = 0
     for p, ref in zip(probes, refs):
         xb = torch.nn.BatchNorm1d(24, affine=False)(x[idx].reshape(-1, 24)).view(7, 9, 24)
