@@ -216,7 +216,8 @@ class AttentiveProbe(nn.Module):
         return torch.addmm(b[0], attend(x, keys)[1].flatten(1), W[0].T)
 
 
-def maps(probes: list[AttentiveProbe], mean: torch.Tensor | float, scale: torch.Tensor | float):
+def maps(probes: list[AttentiveProbe], mean: torch.Tensor | float, scale: torch.Tensor | float
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """P probes past their BatchNorm (mean, scale), side by side, as maps of the centred tokens
     built from their parameters (with autograd): keys (P*h, D), whose dot with a token is its
     logit in each head; W (P, C, h*D) and b (P, C), the value projection and the linear head as
@@ -228,7 +229,7 @@ def maps(probes: list[AttentiveProbe], mean: torch.Tensor | float, scale: torch.
         return torch.stack([param(p) for p in probes])
 
     kv = stack(lambda p: p.pool.kv.weight).view(-1, 2, h, d, D)                        # (P, 2, h, d, D)
-    keys = torch.einsum("phd,phdD->phD", stack(lambda p: p.pool.query).view(-1, h, d), kv[:, 0])
+    keys = torch.einsum("phd,phdD->phD", stack(lambda p: p.pool.query).view(-1, h, d), kv[:, 0])   # (P, h, D)
     head = stack(lambda p: p.fc.weight).view(-1, C, h, d)                               # (P, C, h, d)
     W = torch.einsum("pchd,phdD->pchD", head, kv[:, 1]) * scale                         # (P, C, h, D)
     b = stack(lambda p: p.fc.bias) - (W * mean).sum((2, 3))
