@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from imagelm import checkpoint, dist
-from imagelm.data import sources
-from imagelm.eval import parse_layers
+from imagelm.eval import parse_layers, probe_sets
 from imagelm.eval import features as feats
 from imagelm.eval import probe as P
 from imagelm.methods import build_method
@@ -31,7 +30,7 @@ def main() -> None:
     checkpoint.load_into(method, checkpoint.latest(args.run / "checkpoints"))
     _, _, device = dist.init()
     bf16 = dist.bf16_supported(device)
-    train = sources.load(cfg.data, cfg.model, "train")
+    train, _, _ = probe_sets(cfg, with_test=False)     # as `imagelm eval` reads them
     band = parse_layers(cfg.eval.attentive_layers, method.encoder.num_layers)
     tokens = feats.extract(method.encoder, train, [], band, cfg.eval.batch_size, bf16, device).tokens.to(device)
     y = train.labels.to(device)

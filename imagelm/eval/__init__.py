@@ -84,6 +84,29 @@ def _figures(r: dict) -> str:
     return ", ".join(f"{name} {r[k]:.4f}" for name, k in (("val", "val_acc"), ("test", "acc")) if k in r)
 
 
+def probe_data(cfg):
+    """The data config of the labelled images probes read: the training data, or eval.dataset (e.g.
+    for image-text runs)."""
+    if cfg.eval.dataset:
+        return dataclasses.replace(cfg.data, dataset=cfg.eval.dataset, root="", resize=True)
+    return cfg.data
+
+
+def probe_sets(cfg, with_test: bool = True):
+    """The probes' images (`probe_data`), standardised with the training data's statistics, as the
+    encoder saw its inputs: (train, test or None, the training data)."""
+    data = probe_data(cfg)
+    train = sources.load(data, cfg.model, "train")
+    test = sources.load(data, cfg.model, "test", train) if with_test else None
+    ref = train
+    if cfg.eval.dataset:
+        ref = sources.load(cfg.data, cfg.model, "train")
+        for d in (train, test):
+            if d is not None:
+                d.mean, d.std = ref.mean, ref.std
+    return train, test, ref
+
+
 def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines=(), finetune: bool = False,
              overrides: list[str] = (), zero_shot: bool = False, retrieval: bool = False, itm: bool = False,
              split: str = "test", log=print) -> dict:
@@ -107,17 +130,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines=(), finetu
     ckpt = checkpoint.latest(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint to evaluate")
-    probe_data = cfg.data   # labelled images: the training data, or eval.dataset (e.g. for image-text runs)
-    if cfg.eval.dataset:
-        probe_data = dataclasses.replace(cfg.data, dataset=cfg.eval.dataset, root="", resize=True)
-    train = sources.load(probe_data, cfg.model, "train")
-    test = sources.load(probe_data, cfg.model, "test", train) if split == "test" else None
-    ref = train    # the training data: its statistics standardise the probe images
-    if cfg.eval.dataset:   # the encoder sees inputs standardised as in training
-        ref = sources.load(cfg.data, cfg.model, "train")
-        for d in (train, test):
-            if d is not None:
-                d.mean, d.std = ref.mean, ref.std
+    train, test, ref = probe_sets(cfg, with_test=split == "test")
     classes = len(train.classes)
     if not sources.labelled(train) and (probes or finetune):
         raise ConfigError(f"{cfg.data.dataset} has no class labels to probe with: pass eval.dataset=fashion-mnist "
@@ -197,7 +210,7 @@ def evaluate(run: Path, probes=PROBES, layers: str = "all", baselines=(), finetu
                 ft = P.split_train(ft_train.labels, cfg.eval.val_size, cfg.eval.seed)
                 ft_train, ft_test = (dataclasses.replace(ft_train, images=ft_train.images[i], labels=ft_train.labels[i])
                                      for i in (ft.fit, ft.val))
-            r = run_finetune(method, ft_train, ft_test, probe_data, cfg.eval, device, bf16, log)
+            r = run_finetune(method, ft_train, ft_test, probe_data(cfg), cfg.eval, device, bf16, log)
             if test is None:
                 r["val_acc"] = r.pop("acc")
             results["finetune"] = r
