@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     s = sub.add_parser("eval", help="probe a run's encoder", description="Linear (per layer), attentive and "
                        "k-NN probes of a run's latest checkpoint; results go to RUN/eval/, plots to RUN/plots/.")
     s.add_argument("run")
-    s.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.attentive_lr=3e-3")
+    s.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.attentive_lrs=[0.01] or eval.knn_k=10")
     s.add_argument("--probe", choices=["linear", "attentive", "knn", "all", "none"], default="all")
     s.add_argument("--zero-shot", action="store_true", help="image-text runs: zero-shot classification (prompt ensemble)")
     s.add_argument("--retrieval", action="store_true", help="image-text runs: image<->text R@1/5/10 on held-out scenes")

@@ -33,6 +33,20 @@ def test_linear_probe_and_knn_separate_separable_classes():
     assert shuffled < 0.5                        # labels carry the signal, not the probe
 
 
+def test_knn_in_blocks_votes_as_one_similarity_matrix():
+    """2,500 queries: two full blocks of 1,024 and a partial one, through the one reused buffer."""
+    (x, y), (xt, yt) = _blobs(3000, seed=2), _blobs(2500, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x, xt = x + 6 * torch.randn(x.shape, generator=g), xt + 6 * torch.randn(xt.shape, generator=g)   # overlapping
+    xn, tn = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(xt, dim=1)
+    sim, idx = (tn @ xn.T).topk(20, dim=1)
+    votes = torch.zeros(2500, 4).scatter_add_(1, y[idx], (sim / 0.07).exp())
+    right = votes.argmax(1) == yt
+    assert 0.5 < right.float().mean() < 0.99    # some images are voted wrong
+    assert P.knn(x, y, xt, yt, 4, k=20, t=0.07)["acc"] == right.sum().item() / 2500
+    assert P.knn(x, y, xt[1024:], yt[1024:], 4, k=20)["acc"] == right[1024:].sum().item() / 1476
+
+
 def test_val_split_is_stratified_shuffled_and_seeded():
     y = torch.arange(4).repeat_interleave(250)          # sorted by class, as an image folder is read
     s = P.split_train(y, 100)
