@@ -39,9 +39,8 @@ def main() -> None:
     print(f"{args.run.name}: val accuracy (%) per lr {', '.join(f'{lr:g}' for lr in lrs)}")
     for seed in range(args.seeds):
         for fit in (split.fit[:args.subsample], split.fit):
-            probes = P.train_attentive(tokens[fit], y[fit], len(train.classes), e.attentive_epochs, lrs,
-                                       e.attentive_heads, seed=seed,
-                                       token_dtype=torch.bfloat16 if bf16 else torch.float32)
+            probes = P.train_attentive(tokens, y, len(train.classes), e.attentive_epochs, lrs, e.attentive_heads,
+                                       seed=seed, token_dtype=torch.bfloat16 if bf16 else torch.float32, rows=fit)
             val = [100 * P.accuracy(P.predict(p, tokens[split.val]), y[split.val]) for p in probes]
             print(f"  seed {seed}, {len(fit):>6} fit images: " + " / ".join(f"{v:.2f}" for v in val)
                   + f"  (best {lrs[max(range(len(val)), key=val.__getitem__)]:g})", flush=True)

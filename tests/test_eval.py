@@ -188,6 +188,22 @@ def test_attentive_probe_centres_tokens_once_or_batch_by_batch_alike(monkeypatch
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
+@pytest.mark.parametrize("copy_max", [P.TOKEN_COPY_MAX_BYTES, 0])
+def test_attentive_probe_on_rows_of_the_tokens_equals_it_on_their_copy(monkeypatch, copy_max):
+    """train_attentive(tokens, y, rows=r) reads images r in place (centred up front or batch by
+    batch) and trains as on tokens[r], y[r]."""
+    x, y = _blobs(300)
+    tokens = (x[:, None, :].expand(-1, 5, -1) + 0.3 * torch.randn(300, 5, 16)).to(torch.bfloat16)
+    rows = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:200]
+    monkeypatch.setattr(P, "TOKEN_COPY_MAX_BYTES", copy_max)
+    on_rows = P.train_attentive(tokens, y, 4, 2, 1e-2, heads=4, batch_size=64, rows=rows)
+    on_copy = P.train_attentive(tokens[rows], y[rows], 4, 2, 1e-2, heads=4, batch_size=64)
+    on_all = P.train_attentive(tokens, y, 4, 2, 1e-2, heads=4, batch_size=64)
+    for a, b in zip(on_rows.state_dict().values(), on_copy.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not torch.allclose(on_rows.fc.weight, on_all.fc.weight, atol=1e-3)
+
+
 def test_attentive_probe_in_bf16_learns_as_in_fp32_from_tokens_far_from_zero():
     """Tokens whose mean dwarfs their spread (random-init features point nearly one way) train a
     bf16 probe as well as an fp32 one, and both well: they are centred first, so the cast does not

@@ -260,19 +260,29 @@ def centred(tokens: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> to
     return (tokens - shift).to(dtype)      # one fp32 temporary: bf16 - fp32 promotes
 
 
-def centre(tokens: torch.Tensor, dtype: torch.dtype | None = None, block: int = 512):
-    """The tokens' (N, K, D) mean (D,) and token_sums of the centred tokens, and with dtype the
-    centred tokens in it (else None): (shift, sums, centred). Block by block through one fp32
-    buffer: fresh temporaries for each block (page-faulted memory) were several times slower."""
-    buf = torch.empty((min(block, len(tokens)), *tokens.shape[1:]), device=tokens.device)
+def centre(tokens: torch.Tensor, dtype: torch.dtype | None = None, rows: torch.Tensor | None = None,
+           block: int = 512):
+    """The mean (D,) of the tokens (N, K, D) of images `rows` (default all) and the token_sums of
+    those images' centred tokens, and with dtype their centred tokens in it (else None): (shift,
+    sums, centred). Block by block through reused buffers, the rows gathered there: a gathered copy
+    of the set, and fresh temporaries for each block, were newly mapped memory whose page faults made
+    this 2-3x slower."""
+    rows = torch.arange(len(tokens), device=tokens.device) if rows is None else rows
+    n, blocks = len(rows), rows.split(block)
+    raw = tokens.new_empty((min(block, n), *tokens.shape[1:]))
+    buf = torch.empty(raw.shape, device=tokens.device)
+
+    def read(r: torch.Tensor) -> torch.Tensor:
+        return buf[:len(r)].copy_(torch.index_select(tokens, 0, r, out=raw[:len(r)]))
+
     total = buf.new_zeros(tokens.shape[-1])
-    for t in tokens.split(block):
-        total += buf[:len(t)].copy_(t).sum((0, 1))
-    shift = total / (tokens.shape[0] * tokens.shape[1])
-    out = None if dtype is None else torch.empty(tokens.shape, dtype=dtype, device=tokens.device)
+    for r in blocks:
+        total += read(r).sum((0, 1))
+    shift = total / (n * tokens.shape[1])
+    out = None if dtype is None else torch.empty((n, *tokens.shape[1:]), dtype=dtype, device=tokens.device)
     s1, s2 = [], []
-    for i, t in zip(range(0, len(tokens), block), tokens.split(block)):
-        c = buf[:len(t)].copy_(t).sub_(shift)
+    for i, r in zip(range(0, n, block), blocks):
+        c = read(r).sub_(shift)
         s1.append(c.sum(1))
         if out is not None:
             out[i:i + block] = c
@@ -321,19 +331,22 @@ class _Together(nn.Module):
 
 
 def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[float, ...], heads: int = 8,
-                    batch_size: int = 256, wd: float = 0.05, seed: int = 0, token_dtype: torch.dtype = torch.float32
-                    ) -> AttentiveProbe | list[AttentiveProbe]:
-    """AdamW with a one-cycle (warmup + cosine) schedule on frozen tokens (N, K, D): one probe, or
-    one per learning rate in `lrs` (trained together: the same init and batches, as if alone).
-    token_dtype: of the probes' matmuls over the tokens (bf16 where the hardware has it)."""
+                    batch_size: int = 256, wd: float = 0.05, seed: int = 0, token_dtype: torch.dtype = torch.float32,
+                    rows: torch.Tensor | None = None) -> AttentiveProbe | list[AttentiveProbe]:
+    """AdamW with a one-cycle (warmup + cosine) schedule on frozen tokens (N, K, D) and labels (N,)
+    of the images `rows` (default all): one probe, or one per learning rate in `lrs` (trained
+    together: the same init and batches, as if alone). token_dtype: of the probes' matmuls over the
+    tokens (bf16 where the hardware has it)."""
     single = isinstance(lrs, (int, float))
     rates = (lrs,) if single else tuple(lrs)
+    rows = torch.arange(len(tokens), device=tokens.device) if rows is None else rows.to(tokens.device)
+    y, n = y.to(tokens.device).index_select(0, rows), len(rows)
     # per step, the BatchNorm statistics come from the images' token sums (1.4x faster a step than
     # squaring the batch), and the batch is gathered from a centred copy where one fits
-    fits = tokens.numel() * token_dtype.itemsize <= TOKEN_COPY_MAX_BYTES
-    shift, sums, copy = centre(tokens, token_dtype if fits else None)
+    fits = n * tokens[0].numel() * token_dtype.itemsize <= TOKEN_COPY_MAX_BYTES
+    shift, sums, copy = centre(tokens, token_dtype if fits else None, rows)
     batch = (lambda idx: copy.index_select(0, idx)) if fits else \
-        (lambda idx: centred(tokens.index_select(0, idx), shift, token_dtype))
+        (lambda idx: centred(tokens.index_select(0, rows.index_select(0, idx)), shift, token_dtype))
     probes = []
     for _ in rates:
         torch.manual_seed(seed)
@@ -343,7 +356,7 @@ def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[flo
     # fused: one kernel per probe's parameters; the per-tensor ops of the default took ~1 ms a step
     opt = torch.optim.AdamW([{"params": p.parameters(), "lr": lr} for p, lr in zip(probes, rates)], weight_decay=wd,
                             fused=tokens.device.type in ("cpu", "cuda"))
-    steps = epochs * math.ceil(len(tokens) / batch_size)
+    steps = epochs * math.ceil(n / batch_size)
     # a warmup of 10%; OneCycleLR divides by (warmup steps - 1), so a run of 10 steps or fewer (a fit
     # set of <= 256 images at 10 epochs) warms up over 2 steps, and one of 1 or 2 keeps a constant lr
     warmup = 0.1 if steps > 10 else min(0.5, 2 / steps)
@@ -352,7 +365,7 @@ def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[flo
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
-        for idx in torch.randperm(len(tokens), generator=g).split(batch_size):
+        for idx in torch.randperm(n, generator=g).split(batch_size):
             idx = idx.to(tokens.device)      # index_select: ~10x faster than tokens[idx] on CPU
             mapped = model(tuple(s.index_select(0, idx) for s in sums), len(idx) * tokens.shape[1])
             _, grads = probes_loss(batch(idx), y.index_select(0, idx), *(m.detach() for m in mapped))
@@ -379,17 +392,17 @@ def attentive_probe(tokens: torch.Tensor, y: torch.Tensor, split: Split, classes
     scale of the final fit, not on a subsample as the linear probe's layers are: an lr ranked by 10
     epochs of 10,000 images (390 steps against the refit's 2,350) did not keep its rank, e.g. on
     mae-tiny's val 3e-2 led 1e-2 by 0.14 points there and trailed it by 0.66 trained on all of fit."""
-    val = {}
-    for lr, probe in zip(lrs, train_attentive(tokens[split.fit], y[split.fit], classes, epochs, tuple(lrs), heads,
-                                              batch_size, token_dtype=token_dtype)):
-        val[lr] = accuracy(predict(probe, tokens[split.val]), y[split.val])
+    val, val_x, val_y = {}, tokens[split.val], y[split.val]
+    for lr, probe in zip(lrs, train_attentive(tokens, y, classes, epochs, tuple(lrs), heads, batch_size,
+                                              token_dtype=token_dtype, rows=split.fit)):
+        val[lr] = accuracy(predict(probe, val_x), val_y)
         if len(lrs) > 1:
             log(f"    attentive lr {lr:g}: val {val[lr]:.4f}")
     lr = max(val, key=val.get)
     res = {"lr": lr, "val_acc": val[lr], "per_lr": {f"{l:g}": a for l, a in val.items()}}
     if test:
-        probe = train_attentive(tokens[split.train], y[split.train], classes, epochs, lr, heads, batch_size,
-                                token_dtype=token_dtype)
+        probe = train_attentive(tokens, y, classes, epochs, lr, heads, batch_size, token_dtype=token_dtype,
+                                rows=split.train)
         res["acc"] = accuracy(predict(probe, test[0]), test[1].to(tokens.device))
     return res
 
