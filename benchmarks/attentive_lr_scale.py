@@ -35,13 +35,14 @@ def main() -> None:
     tokens = feats.extract(method.encoder, train, [], band, cfg.eval.batch_size, bf16, device).tokens.to(device)
     y = train.labels.to(device)
     split = P.split_train(train.labels, cfg.eval.val_size, cfg.eval.seed)
+    val_x, val_y = tokens[split.val], y[split.val]
     lrs, e = tuple(cfg.eval.attentive_lrs), cfg.eval
     print(f"{args.run.name}: val accuracy (%) per lr {', '.join(f'{lr:g}' for lr in lrs)}")
     for seed in range(args.seeds):
         for fit in (split.fit[:args.subsample], split.fit):
             probes = P.train_attentive(tokens, y, len(train.classes), e.attentive_epochs, lrs, e.attentive_heads,
                                        seed=seed, token_dtype=torch.bfloat16 if bf16 else torch.float32, rows=fit)
-            val = [100 * P.accuracy(P.predict(p, tokens[split.val]), y[split.val]) for p in probes]
+            val = [100 * P.accuracy(P.predict(p, val_x), val_y) for p in probes]
             print(f"  seed {seed}, {len(fit):>6} fit images: " + " / ".join(f"{v:.2f}" for v in val)
                   + f"  (best {lrs[max(range(len(val)), key=val.__getitem__)]:g})", flush=True)
 

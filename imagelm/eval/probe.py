@@ -260,14 +260,12 @@ def centred(tokens: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> to
     return (tokens - shift).to(dtype)      # one fp32 temporary: bf16 - fp32 promotes
 
 
-def centre(tokens: torch.Tensor, dtype: torch.dtype | None = None, rows: torch.Tensor | None = None,
-           block: int = 512):
-    """The mean (D,) of the tokens (N, K, D) of images `rows` (default all) and the token_sums of
+def centre(tokens: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype | None = None, block: int = 512):
+    """The mean (D,) of the tokens (N, K, D) of images `rows` and the token_sums of
     those images' centred tokens, and with dtype their centred tokens in it (else None): (shift,
     sums, centred). Block by block through reused buffers, the rows gathered there: a gathered copy
     of the set, and fresh temporaries for each block, were newly mapped memory whose page faults made
     this 2-3x slower."""
-    rows = torch.arange(len(tokens), device=tokens.device) if rows is None else rows
     n, blocks = len(rows), rows.split(block)
     raw = tokens.new_empty((min(block, n), *tokens.shape[1:]))
     buf = torch.empty(raw.shape, device=tokens.device)
@@ -344,7 +342,7 @@ def train_attentive(tokens, y, classes: int, epochs: int, lrs: float | tuple[flo
     # per step, the BatchNorm statistics come from the images' token sums (1.4x faster a step than
     # squaring the batch), and the batch is gathered from a centred copy where one fits
     fits = n * tokens[0].numel() * token_dtype.itemsize <= TOKEN_COPY_MAX_BYTES
-    shift, sums, copy = centre(tokens, token_dtype if fits else None, rows)
+    shift, sums, copy = centre(tokens, rows, token_dtype if fits else None)
     batch = (lambda idx: copy.index_select(0, idx)) if fits else \
         (lambda idx: centred(tokens.index_select(0, rows.index_select(0, idx)), shift, token_dtype))
     probes = []
